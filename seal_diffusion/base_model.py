@@ -1,0 +1,124 @@
+"""Loading the base model, in one place: the trainer, CLI, UI and tests all call :func:`load_pipeline`.
+
+Accepted sources (``--base MODEL`` / ``--pretrained_model_name_or_path``):
+
+* ``tiny`` — the embedded default (:mod:`seal_diffusion.tiny`), built offline and cached;
+* a local diffusers folder (has ``model_index.json``);
+* a single-file checkpoint ``*.safetensors`` (A1111/ComfyUI style); offline it needs ``config=`` a local diffusers
+  folder of the same architecture, otherwise diffusers fetches the config from the hub;
+* a hub id such as ``stable-diffusion-v1-5/stable-diffusion-v1-5`` (downloaded or taken from the local HF cache;
+  ``HF_HUB_OFFLINE=1`` keeps it offline).
+
+Pickle checkpoints (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) can run code when loaded, so they are refused unless the
+caller passes ``allow_pickle=True`` (CLI: ``--allow_pickle``). Anything else is one clear :class:`UserError`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+ACCEPTED = (
+    "accepted: 'tiny' (embedded default), a hub id like 'stable-diffusion-v1-5/stable-diffusion-v1-5', "
+    "a local diffusers folder (with model_index.json) or a single-file .safetensors checkpoint"
+)
+
+
+@dataclass(frozen=True)
+class BaseSource:
+    """What a ``--base`` string points at. ``kind`` is one of tiny, folder, single_file, hub."""
+
+    kind: str
+    location: str
+
+    @property
+    def label(self) -> str:
+        """A name for model cards and key metadata (never a secret)."""
+        return "tiny" if self.kind == "tiny" else self.location
+
+
+def resolve_base(source: str | os.PathLike, *, allow_pickle: bool = False) -> BaseSource:
+    """Classify ``source`` without loading anything; raise :class:`UserError` for anything unusable."""
+    text = str(source).strip()
+    if not text:
+        raise UserError(f"base model: empty name; {ACCEPTED}")
+    if text == "tiny":
+        return BaseSource("tiny", "tiny")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if (path / "model_index.json").is_file():
+            return BaseSource("folder", str(path))
+        raise UserError(f"{path}: folder has no model_index.json, so it is not a diffusers pipeline folder; {ACCEPTED}")
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".safetensors":
+            return BaseSource("single_file", str(path))
+        if suffix in PICKLE_SUFFIXES:
+            if allow_pickle:
+                return BaseSource("single_file", str(path))
+            raise UserError(
+                f"{path}: pickle checkpoint ({suffix}) refused because loading it can run arbitrary code; "
+                "convert it to .safetensors, or pass --allow_pickle if you trust its source"
+            )
+        raise UserError(f"{path}: unsupported file type '{suffix or path.name}'; {ACCEPTED}")
+    # owner/name, one slash, no file suffix: anything else that does not exist locally is a typo'd path
+    if _HUB_ID.match(text) and not text.lower().endswith((".safetensors",) + PICKLE_SUFFIXES):
+        return BaseSource("hub", text)
+    raise UserError(f"{text}: no such file or folder, and not a hub id (owner/name); {ACCEPTED}")
+
+
+def load_pipeline(
+    source: str | os.PathLike | BaseSource = "tiny",
+    *,
+    config: str | os.PathLike | None = None,
+    allow_pickle: bool = False,
+    torch_dtype: torch.dtype | None = None,
+    revision: str | None = None,
+):
+    """Load a ``StableDiffusionPipeline`` from any accepted source (see module docstring).
+
+    ``config`` is a local diffusers folder giving the component configs (and tokenizer) for a single-file checkpoint.
+    The safety checker is not loaded: this tool trains and verifies, it does not serve images to the public.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    src = source if isinstance(source, BaseSource) else resolve_base(source, allow_pickle=allow_pickle)
+    kwargs = dict(safety_checker=None, requires_safety_checker=False)
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    try:
+        if src.kind == "tiny":
+            from .tiny import tiny_model_dir
+
+            pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir(), local_files_only=True, **kwargs)
+        elif src.kind == "folder":
+            pipe = StableDiffusionPipeline.from_pretrained(src.location, local_files_only=True, **kwargs)
+        elif src.kind == "single_file":
+            if config is not None and not (Path(config) / "model_index.json").is_file():
+                raise UserError(f"{config}: --config must be a local diffusers folder with model_index.json")
+            extra = {"config": str(config), "local_files_only": True} if config is not None else {}
+            if src.location.lower().endswith(PICKLE_SUFFIXES):
+                extra["use_safetensors"] = False
+            pipe = StableDiffusionPipeline.from_single_file(src.location, **extra, **kwargs)
+        else:  # hub
+            pipe = StableDiffusionPipeline.from_pretrained(src.location, revision=revision, **kwargs)
+    except UserError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = ""
+        if src.kind == "single_file" and config is None:
+            hint = " (offline, a single file needs --config pointing at a local diffusers folder of the same model)"
+        elif src.kind == "hub":
+            hint = " (no network? download it once, or point at a local folder)"
+        raise UserError(f"{src.location}: could not load the base model: {first}{hint}") from exc
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,148 @@
+"""The owner's private key file (``.sealkey``): safetensors with raw A, B, C, C_p per module.
+
+Layout (``../shared/spec.md``): for each adapted module ``m`` (diffusers module path) the tensors ``m.lora_A`` (r×in),
+``m.lora_B`` (out×r), ``m.passport`` (C) and ``m.passport_p`` (C_p), all float32; string metadata ``format=sealkey``,
+``version``, ``rank``, ``alpha``, ``base_model``, ``target_modules`` (JSON list), ``passport_source``, ``commitment``,
+``created``. ΔW of module m with passport C_t is ``(alpha/rank) · lora_B @ C_t @ lora_A``.
+
+The **commitment** is SHA-256 over a header (``sealkey-commitment-v1``, rank, alpha) followed by every tensor in sorted
+name order (name, dtype, shape, raw little-endian bytes). Publish it with the LoRA *before* release: a later claimant
+cannot produce a key with the same hash, and any change to the key (tampering, a flipped bit) is caught on load.
+
+The file is written atomically, and never over an existing key unless ``force=True`` (CLI ``--force``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .fileio import load_safetensors, save_safetensors_atomic
+
+FORMAT = "sealkey"
+VERSION = "1"
+TENSOR_FIELDS = ("lora_A", "lora_B", "passport", "passport_p")
+
+
+@dataclass
+class ModuleKey:
+    lora_A: torch.Tensor  # r × in
+    lora_B: torch.Tensor  # out × r
+    passport: torch.Tensor  # r × r, C
+    passport_p: torch.Tensor  # r × r, C_p
+
+
+@dataclass
+class SealKey:
+    modules: dict[str, ModuleKey]
+    rank: int
+    alpha: float
+    base_model: str = "unknown"
+    target_modules: list[str] = field(default_factory=list)
+    passport_source: str = "random"
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    version: str = VERSION
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @classmethod
+    def from_network(cls, network, base_model: str, passport_source: str) -> "SealKey":
+        """The key of a trained :class:`~seal_diffusion.network.SealNetwork` (raw factors + both passports)."""
+        passports = network.passports()
+        modules = {
+            name: ModuleKey(a.contiguous(), b.contiguous(), passports[name][0].float().contiguous(),
+                            passports[name][1].float().contiguous())
+            for name, (a, b) in network.factors().items()
+        }
+        return cls(modules, network.rank, network.alpha, base_model, list(network.targets), passport_source)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, mk in self.modules.items():
+            for f in TENSOR_FIELDS:
+                out[f"{name}.{f}"] = getattr(mk, f).detach().float().cpu().contiguous()
+        return out
+
+    def commitment(self) -> str:
+        """SHA-256 (hex) over the canonical tensors; see the module docstring."""
+        h = hashlib.sha256(f"sealkey-commitment-v1\0rank={self.rank}\0alpha={self.alpha!r}\0".encode())
+        for name, t in sorted(self.tensors().items()):
+            h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+            h.update(t.numpy().astype("<f4", copy=False).tobytes())
+        return h.hexdigest()
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "format": FORMAT,
+            "version": self.version,
+            "rank": str(self.rank),
+            "alpha": repr(float(self.alpha)),
+            "base_model": self.base_model,
+            "target_modules": json.dumps(list(self.target_modules)),
+            "passport_source": self.passport_source,
+            "commitment": self.commitment(),
+            "created": self.created,
+        }
+
+    def save(self, path: str | os.PathLike, *, force: bool = False) -> Path:
+        """Write atomically; refuses to replace an existing file unless ``force``."""
+        return save_safetensors_atomic(self.tensors(), path, self.metadata(), overwrite=force, what="key file")
+
+    def delta_factors(self, name: str, which: str = "C") -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_eff, B_eff) with ΔW = B_eff @ A_eff for passport ``which`` ∈ {C, C_p, identity}; scale in B_eff."""
+        mk = self.modules[name]
+        c = {"C": mk.passport, "C_p": mk.passport_p, "identity": None}[which]
+        a = mk.lora_A if c is None else c @ mk.lora_A
+        return a, mk.lora_B * self.scale
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SealKey":
+        """Read and check a key file: format, completeness, shapes, and the commitment (tampering)."""
+        path = Path(path)
+        tensors, meta = load_safetensors(path, what="key file")
+        if meta.get("format") != FORMAT:
+            raise UserError(f"{path}: not a SEAL key file (metadata format={meta.get('format')!r}, expected 'sealkey')")
+        if meta.get("version") != VERSION:
+            raise UserError(f"{path}: key file version {meta.get('version')!r} is not supported (expected {VERSION})")
+        try:
+            rank = int(meta["rank"])
+            alpha = float(meta["alpha"])
+            targets = json.loads(meta.get("target_modules", "[]"))
+            stored_commitment = meta["commitment"]
+        except (KeyError, ValueError) as exc:
+            raise UserError(f"{path}: key file metadata is incomplete or malformed ({exc})") from exc
+        grouped: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in tensors.items():
+            name, _, fld = key.rpartition(".")
+            if fld not in TENSOR_FIELDS or not name:
+                raise UserError(f"{path}: unexpected tensor {key!r} in key file")
+            grouped.setdefault(name, {})[fld] = t
+        if not grouped:
+            raise UserError(f"{path}: key file holds no modules")
+        modules = {}
+        for name, parts in grouped.items():
+            missing = [f for f in TENSOR_FIELDS if f not in parts]
+            if missing:
+                raise UserError(f"{path}: module {name} lacks {', '.join(missing)}")
+            a, b, c, cp = (parts[f] for f in TENSOR_FIELDS)
+            if not (a.dim() == b.dim() == c.dim() == cp.dim() == 2 and a.shape[0] == rank and b.shape[1] == rank
+                    and tuple(c.shape) == (rank, rank) == tuple(cp.shape)):
+                raise UserError(
+                    f"{path}: module {name} has shapes A{tuple(a.shape)} B{tuple(b.shape)} C{tuple(c.shape)} "
+                    f"C_p{tuple(cp.shape)}, inconsistent with rank {rank}"
+                )
+            modules[name] = ModuleKey(a.float(), b.float(), c.float(), cp.float())
+        key = cls(modules, rank, alpha, meta.get("base_model", "unknown"), targets,
+                  meta.get("passport_source", "random"), meta.get("created", ""), meta["version"])
+        if key.commitment() != stored_commitment:
+            raise UserError(f"{path}: key file commitment does not match its contents (tampered or corrupted)")
+        return key

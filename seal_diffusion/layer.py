@@ -1,0 +1,120 @@
+"""The SEAL layer: wraps one ``nn.Linear`` of a diffusers ``Attention`` module.
+
+    y = W x + (α/r) · B · C_t · A · dropout(x)
+
+computed right to left, ``B @ (C_t @ (A @ x))``, so ΔW (out × in) is never materialised: the passport costs one extra
+r×r product per token (~r/in of the LoRA cost, ~0.1 % of the layer). A is kaiming-uniform, B zero; only A and B are
+parameters. C and C_p are *non-persistent* buffers: they move with ``.to()`` but never enter a ``state_dict``.
+
+The layer replaces the wrapped module's ``forward`` (an instance attribute, kohya style) instead of replacing the
+module, so the UNet keeps its exact structure and ``state_dict``, and unpatching deletes the attribute to restore
+exactly the original module. The active passport (``mode``) is set by :class:`~seal_diffusion.network.SealNetwork`:
+
+* ``"C"`` / ``"C_p"`` — use that passport;
+* ``"identity"`` — the passport replaced by I (the paper's N(B, A, ∅)); also the plain-LoRA mode;
+* ``"off"`` — the adapter contributes nothing (the base model);
+* ``"split"`` — the first ``split`` samples of the batch use C, the rest C_p.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODES = ("C", "C_p", "identity", "off", "split")
+_MISSING = object()
+
+
+class SealLoRALayer(nn.Module):
+    """LoRA factors A (r × in), B (out × r) and the passports of one wrapped ``nn.Linear``."""
+
+    def __init__(
+        self,
+        name: str,
+        base: nn.Linear,
+        rank: int,
+        alpha: float,
+        passport: torch.Tensor | None = None,
+        passport_p: torch.Tensor | None = None,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"{name}: SEAL adapts nn.Linear layers, got {type(base).__name__}")
+        self.name = name
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.scale = self.alpha / rank
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        for buf, value in (("passport", passport), ("passport_p", passport_p)):
+            if value is not None and tuple(value.shape) != (rank, rank):
+                raise ValueError(f"{name}: {buf} has shape {tuple(value.shape)}, expected ({rank}, {rank})")
+            self.register_buffer(buf, None if value is None else value.detach().float().to(device), persistent=False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.mode = "C" if passport is not None else "identity"
+        self.split = 0
+        self._base = (base,)  # a tuple, so the frozen base is not registered as a child (no duplicate parameters)
+        self._saved_forward = _MISSING
+
+    @property
+    def base(self) -> nn.Linear:
+        return self._base[0]
+
+    # -- patching -------------------------------------------------------------------------------------------------
+    def patch(self) -> None:
+        """Route the base module's calls through :meth:`forward`."""
+        base = self.base
+        if self._saved_forward is not _MISSING:
+            return
+        self._saved_forward = base.__dict__.get("forward", _MISSING)  # e.g. an accelerate offload hook
+        self._base_forward = base.forward
+        base.forward = self.forward
+
+    def unpatch(self) -> None:
+        """Restore the base module's own ``forward`` exactly as it was."""
+        if self._saved_forward is _MISSING and "forward" not in self.base.__dict__:
+            return
+        base = self.base
+        if base.__dict__.get("forward") is not None:
+            del base.forward
+        if self._saved_forward is not _MISSING:
+            base.forward = self._saved_forward
+        self._saved_forward = _MISSING
+        self._base_forward = None
+
+    # -- the computation ----------------------------------------------------------------------------------------
+    def _passport_for(self, mode: str) -> torch.Tensor | None:
+        if mode == "C":
+            return self.passport
+        if mode == "C_p":
+            return self.passport_p
+        return None
+
+    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """(α/r)·B·C_t·A·dropout(x) for the current mode (not including W x)."""
+        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)
+        if self.mode == "split":
+            k = self.split
+            if not 0 <= k <= h.shape[0]:
+                raise ValueError(f"{self.name}: split {k} outside the batch of {h.shape[0]}")
+            h = torch.cat([F.linear(h[:k], self.passport), F.linear(h[k:], self.passport_p)], dim=0)
+        else:
+            c = self._passport_for(self.mode)
+            if c is not None:
+                h = F.linear(h, c)
+        return F.linear(h * self.scale, self.lora_B)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self._base_forward(x, *args, **kwargs)
+        if self.mode == "off":
+            return y
+        return y + self.lora_delta(x).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, rank={self.rank}, alpha={self.alpha:g}, mode={self.mode}"
