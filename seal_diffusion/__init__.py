@@ -1,0 +1,15 @@
+"""seal-diffusion: SEAL entangled white-box watermarks for Stable Diffusion 1.5 LoRAs.
+
+Where things are:
+
+* :mod:`~seal_diffusion.passport` — the secret r×r passports C and C_p;
+* :mod:`~seal_diffusion.layer` / :mod:`~seal_diffusion.network` — the SEAL layer and the patch that installs it on a
+  diffusers UNet (Q/K/V/Out, AddK/AddV), with passport switching;
+* :mod:`~seal_diffusion.fold` / :mod:`~seal_diffusion.export` / :mod:`~seal_diffusion.lora_file` — SVD fold and the
+  public LoRA files (diffusers and kohya layouts);
+* :mod:`~seal_diffusion.keyfile` — the owner's private ``.sealkey``;
+* :mod:`~seal_diffusion.base_model` / :mod:`~seal_diffusion.tiny` — loading SD 1.5 and the embedded tiny default;
+* :mod:`~seal_diffusion.cli` — the ``seal-diffusion`` command.
+"""
+
+__version__ = "0.1.0"
