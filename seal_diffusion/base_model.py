@@ -82,11 +82,13 @@ def load_pipeline(
     allow_pickle: bool = False,
     torch_dtype: torch.dtype | None = None,
     revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ):
     """Load a ``StableDiffusionPipeline`` from any accepted source (see module docstring).
 
     ``config`` is a local diffusers folder giving the component configs (and tokenizer) for a single-file checkpoint.
-    The safety checker is not loaded: this tool trains and verifies, it does not serve images to the public.
+    ``cache_dir`` is the Hugging Face cache for hub ids (default: the HF cache). The safety checker is not loaded:
+    this tool trains and verifies, it does not serve images to the public.
     """
     from diffusers import StableDiffusionPipeline
 
@@ -109,7 +111,7 @@ def load_pipeline(
                 extra["use_safetensors"] = False
             pipe = StableDiffusionPipeline.from_single_file(src.location, **extra, **kwargs)
         else:  # hub
-            pipe = StableDiffusionPipeline.from_pretrained(src.location, revision=revision, **kwargs)
+            pipe = StableDiffusionPipeline.from_pretrained(src.location, revision=revision, cache_dir=cache_dir, **kwargs)
     except UserError:
         raise
     except Exception as exc:

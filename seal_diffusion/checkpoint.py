@@ -86,7 +86,9 @@ def _check_block_types(types: Iterable[str], allowed: set[str], field: str, what
     types = list(types)
     bad = sorted(set(types) - allowed)
     if bad:
-        raise UserError(f"{what}: {field} {bad} not supported by the SD 1.x single-file layout (allowed: {sorted(allowed)})")
+        raise UserError(
+            f"{what}: {field} {bad} not supported by the SD 1.x single-file layout (allowed: {sorted(allowed)})"
+        )
     return types
 
 
@@ -138,7 +140,8 @@ def unet_to_ldm(unet_state_dict: Mapping[str, torch.Tensor], unet_config: Any) -
     what = "UNet"
     down_types = _check_block_types(config["down_block_types"], _UNET_DOWN_TYPES, "down_block_types", what)
     up_types = _check_block_types(config["up_block_types"], _UNET_UP_TYPES, "up_block_types", what)
-    _check_block_types([config.get("mid_block_type") or "UNetMidBlock2DCrossAttn"], _UNET_MID_TYPES, "mid_block_type", what)
+    mid_type = config.get("mid_block_type") or "UNetMidBlock2DCrossAttn"
+    _check_block_types([mid_type], _UNET_MID_TYPES, "mid_block_type", what)
     if len(down_types) != len(up_types):
         raise UserError(f"{what}: {len(down_types)} down blocks but {len(up_types)} up blocks")
     layers = _layers_per_block(config, what)
@@ -169,7 +172,8 @@ def unet_to_ldm(unet_state_dict: Mapping[str, torch.Tensor], unet_config: Any) -
         # the upsampler follows the last layer's resnet, and its attention when the level has one
         last = i * (layers + 1) + layers
         has_attention = any(k.startswith(f"up_blocks.{i}.attentions.{layers}.") for k in unet_state_dict)
-        prefix_map[f"up_blocks.{i}.upsamplers.0.conv."] = (f"output_blocks.{last}.{2 if has_attention else 1}.conv.", none)
+        upsampler = f"output_blocks.{last}.{2 if has_attention else 1}.conv."
+        prefix_map[f"up_blocks.{i}.upsamplers.0.conv."] = (upsampler, none)
 
     mapped = _apply_prefix_map(unet_state_dict, prefix_map, what)
     return {UNET_PREFIX + k: v for k, v in mapped.items()}
@@ -250,7 +254,9 @@ def pipeline_to_ldm(pipe: Any) -> dict[str, torch.Tensor]:
     """The whole SD 1.x checkpoint of ``pipe`` (UNet, VAE, text encoder) in LDM naming."""
     for name in ("unet", "vae", "text_encoder"):
         if getattr(pipe, name, None) is None:
-            raise UserError(f"pipeline has no {name}; an SD 1.x single-file checkpoint needs unet, vae and text_encoder")
+            raise UserError(
+                f"pipeline has no {name}; an SD 1.x single-file checkpoint needs unet, vae and text_encoder"
+            )
     tensors: dict[str, torch.Tensor] = {}
     tensors.update(unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config))
     tensors.update(vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config))
@@ -268,8 +274,9 @@ def save_single_file(pipe: Any, path: str | os.PathLike, *, overwrite: bool = Fa
 
 
 def is_ldm_checkpoint(keys: Iterable[str]) -> bool:
-    """Whether state-dict ``keys`` look like an original LDM single-file SD checkpoint (has ``model.diffusion_model.*``).
+    """Whether state-dict ``keys`` look like an original LDM single-file SD checkpoint.
 
-    Diffusers-format weights (``down_blocks.*``), LoRA files and VAE-only files are not.
+    True when some key starts with ``model.diffusion_model.`` (the LDM UNet). Diffusers-format weights
+    (``down_blocks.*``), LoRA files and VAE-only files are not.
     """
     return any(key.startswith(UNET_PREFIX) for key in keys)
