@@ -63,6 +63,76 @@ def cmd_train(args) -> int:
     return train_main(args.train_args)
 
 
+def cmd_verify(args) -> int:
+    from .fileio import write_json_atomic
+    from .verify import verify_path
+
+    report = verify_path(args.key, args.suspect, base=args.base, threshold=args.threshold,
+                         statistic=args.statistic, config=args.config)
+    print(report.summary())
+    if args.json:
+        write_json_atomic(args.json, report.to_json())
+    return 0 if report.detected else 1
+
+
+def cmd_scan(args) -> int:
+    from tqdm import tqdm
+
+    from .fileio import write_json_atomic
+    from .scan import format_table, scan
+
+    rows, rate = scan(args.key, args.paths, args.threshold, args.statistic,
+                      progress=lambda it: tqdm(it, desc="scanning", unit="file", disable=None))
+    print(format_table(rows))
+    print(f"{len(rows)} verdicts, {rate:.1f} files/s")
+    if args.json:
+        write_json_atomic(args.json, {"rows": [vars(r) for r in rows], "files_per_s": rate})
+    return 0 if any(r.detected for r in rows) else 1
+
+
+def cmd_attack(args) -> int:
+    from . import attacks
+    from .lora_file import read_lora
+
+    method = args.method
+    if method == "merge-checkpoint":
+        if not args.base:
+            raise UserError("attack merge-checkpoint: --base MODEL is required")
+        out = attacks.merge_into_checkpoint(args.input, args.base, args.output, weight=args.weight,
+                                            config=args.config, overwrite=args.overwrite)
+    elif method == "finetune":
+        from .training import finetune_lora
+
+        out = finetune_lora(args.input, args.output, data=args.data, base=args.base or "tiny", steps=args.steps,
+                            learning_rate=args.lr, seed=args.seed, overwrite=args.overwrite, config=args.config)
+    elif method == "ambiguity":
+        from .claim import forge_key
+
+        out = forge_key(args.input, args.output, mode=args.mode, gamma=args.gamma, seed=args.seed,
+                        data=args.data, base=args.base, steps=args.steps, overwrite=args.overwrite)
+    else:
+        lora = read_lora(args.input)
+        kwargs = {
+            "prune": dict(ratio=args.ratio, on=args.on),
+            "rescale": dict(factor=args.factor),
+            "permute": dict(seed=args.seed),
+            "mix": dict(seed=args.seed),
+            "pad-rank": dict(extra=args.extra, seed=args.seed),
+            "refactor-svd": dict(rank=args.rank),
+            "quantize": dict(dtype=args.dtype),
+            "noise": dict(std=args.std, seed=args.seed),
+        }.get(method)
+        if method == "merge-lora":
+            if not args.other:
+                raise UserError("attack merge-lora: --other LORA is required")
+            result = attacks.merge_lora(lora, read_lora(args.other), weight=args.weight, rank=args.rank)
+        else:
+            result = attacks.FILE_ATTACKS[method](lora, **kwargs)
+        out = result.save(args.output, overwrite=args.overwrite)
+    print(f"{method}: wrote {out}")
+    return 0
+
+
 # -- parser ---------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
@@ -90,6 +160,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("verify", help="ownership test of a LoRA file/folder or a merged model (exit 0 detected, 1 not)")
+    p.add_argument("--key", required=True, help="the private .sealkey file")
+    p.add_argument("suspect", help="LoRA .safetensors (kohya or diffusers), a diffusers LoRA folder, or a full model")
+    p.add_argument("--base", help="base model the suspect was merged into (needed for full models)")
+    p.add_argument("--config", help="local diffusers folder with the configs, for single-file models offline")
+    p.add_argument("--json", help="write the report as JSON here")
+    p.add_argument("--threshold", type=float, default=3.3, help="detect when -log10 p >= this (default 3.3, p < 5e-4)")
+    p.add_argument("--statistic", default="correlation", choices=["correlation", "contrast"],
+                   help="pooled statistic (see docs/verification.md)")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("scan", help="verify many files against one or many keys; table of verdicts")
+    p.add_argument("--key", required=True, action="append", help="a .sealkey (repeat for several keys)")
+    p.add_argument("paths", nargs="+", help="LoRA files or folders (searched for *.safetensors)")
+    p.add_argument("--threshold", type=float, default=3.3)
+    p.add_argument("--statistic", default="correlation", choices=["correlation", "contrast"])
+    p.add_argument("--json", help="write the rows as JSON here")
+    p.set_defaults(func=cmd_scan)
+
+    methods = ["prune", "finetune", "rescale", "permute", "mix", "pad-rank", "refactor-svd", "quantize", "noise",
+               "merge-lora", "merge-checkpoint", "ambiguity"]
+    p = sub.add_parser("attack", help="apply one attack to a LoRA (or forge a passport: ambiguity)",
+                       description="Apply one attack. IN/OUT are LoRA files, except: merge-checkpoint writes a "
+                       "model (OUT.safetensors = single file, else a diffusers folder); ambiguity reads a key and "
+                       "writes a forged key whose C_p is fake (the claim check must reject it).")
+    p.add_argument("method", choices=methods)
+    p.add_argument("input", help="input LoRA (a key for ambiguity)")
+    p.add_argument("output", help="output path")
+    p.add_argument("--ratio", type=float, default=0.9, help="prune: fraction of weights zeroed")
+    p.add_argument("--on", default="factors", choices=["factors", "delta"], help="prune: the factors or ΔW")
+    p.add_argument("--factor", type=float, default=4.0, help="rescale: up×k, down÷k")
+    p.add_argument("--extra", type=int, default=4, help="pad-rank: added rank")
+    p.add_argument("--rank", type=int, help="refactor-svd/merge-lora: truncate to this rank")
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "int8"], help="quantize: target precision")
+    p.add_argument("--std", type=float, default=0.1, help="noise: std relative to each factor's RMS")
+    p.add_argument("--other", help="merge-lora: the other LoRA")
+    p.add_argument("--weight", type=float, default=1.0, help="merge-lora: weight of --other; merge-checkpoint: LoRA weight")
+    p.add_argument("--base", help="merge-checkpoint/finetune/ambiguity: base model (default tiny for finetune)")
+    p.add_argument("--config", help="local diffusers config folder for a single-file base")
+    p.add_argument("--data", help="finetune/ambiguity: folder of subject images")
+    p.add_argument("--steps", type=int, default=100, help="finetune/ambiguity(optimised): training steps")
+    p.add_argument("--lr", type=float, default=5e-5, help="finetune: learning rate")
+    p.add_argument("--mode", default="gamma", choices=["gamma", "random", "identity", "optimised"],
+                   help="ambiguity: how the fake C_p is made")
+    p.add_argument("--gamma", type=float, default=0.5, help="ambiguity gamma: share of the forgery mixed into C_p")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.set_defaults(func=cmd_attack)
+
+    from .compare import add_compare_command, add_sigma_sweep_command
+
+    add_compare_command(sub)
+    add_sigma_sweep_command(sub)
+
     p = sub.add_parser("commitment", help="print the SHA-256 commitment of a key (publish it with the LoRA)")
     p.add_argument("--key", required=True, help="the private .sealkey file")
     p.set_defaults(func=cmd_commitment)
@@ -97,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Idle OpenMP threads that spin make small CPU ops many times slower on a busy machine; must precede torch's import.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)

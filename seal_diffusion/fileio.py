@@ -118,3 +118,12 @@ def read_safetensors_metadata(path: str | os.PathLike, *, what: str = "file") ->
             return dict(fh.metadata() or {})
     except Exception as exc:
         raise UserError(f"{path}: not a readable safetensors {what} ({exc})") from exc
+
+
+def safe_open_keys(path: str | os.PathLike) -> list[str]:
+    """Tensor names of a safetensors file (header only); [] if it is not one."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            return list(fh.keys())
+    except Exception:
+        return []

@@ -46,6 +46,26 @@ class LoraFile:
     def rank(self) -> int:
         return max(d.shape[0] for d, _ in self.entries.values())
 
+    def save(self, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+        """Write the entries back in this file's own layout and key names (used by attacks)."""
+        path = Path(path)
+        if self.layout == "diffusers" and (path.is_dir() or path.suffix == ""):
+            path = path / DIFFUSERS_WEIGHT_NAME
+        tensors: dict[str, torch.Tensor] = {}
+        for stem, (down, up) in self.entries.items():
+            if self.layout == "diffusers":
+                tensors[f"unet.{stem}.lora_A.weight"] = down
+                tensors[f"unet.{stem}.lora_B.weight"] = up
+            else:
+                tensors[f"{stem}.lora_down.weight"] = down
+                tensors[f"{stem}.lora_up.weight"] = up
+                tensors[f"{stem}.alpha"] = torch.tensor(float(down.shape[0]), dtype=torch.float32)
+        metadata = dict(self.metadata)
+        if self.layout == "kohya":
+            metadata["ss_network_dim"] = str(self.rank)
+            metadata["ss_network_alpha"] = str(float(self.rank))
+        return save_safetensors_atomic(tensors, path, metadata, overwrite=overwrite, what="LoRA file")
+
     def by_module(self, module_names) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{module path: (down, up)}`` for the given module paths that the file holds."""
         if self.layout == "diffusers":

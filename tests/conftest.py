@@ -5,6 +5,8 @@ import tempfile
 
 _CACHE = tempfile.mkdtemp(prefix="seal-test-cache-")
 os.environ.setdefault("SEAL_DIFFUSION_CACHE", _CACHE)
+# OpenMP threads that spin while idle make small ops up to 35× slower when the 2 cores are shared: sleep instead.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"

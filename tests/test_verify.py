@@ -1,0 +1,172 @@
+"""Verification: exact null calibration, detection of copies and attacked copies, CLI contract (exit codes, JSON)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from seal_diffusion import attacks
+from seal_diffusion.cli import main as cli_main
+from seal_diffusion.export import export_lora
+from seal_diffusion.keyfile import ModuleKey, SealKey
+from seal_diffusion.lora_file import LoraFile, read_lora
+from seal_diffusion.network import SealNetwork, find_target_modules
+from seal_diffusion.passport import make_passports
+from seal_diffusion.verify import Suspect, neg_log10_p, recover_passports, verify
+
+RANK = 4
+
+
+@pytest.fixture(scope="module")
+def owner(tmp_path_factory):
+    """A small SEAL run on the tiny UNet (alternating C/C_p) → key + exported files."""
+    from seal_diffusion.base_model import load_pipeline
+
+    pipe = load_pipeline("tiny")
+    unet = pipe.unet
+    names = list(find_target_modules(unet))
+    torch.manual_seed(0)
+    net = SealNetwork(unet, RANK, passports=make_passports(names, RANK, "owner secret"))
+    opt = torch.optim.Adam(net.trainable_parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    x, e = torch.randn(2, 4, 32, 32, generator=g), torch.randn(2, 77, 32, generator=g)
+    for step in range(6):
+        net.set_passport("C" if step % 2 == 0 else "C_p")
+        loss = unet(x, torch.tensor([100, 600]), e).sample.pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    key = SealKey.from_network(net, "tiny", "random")
+    net.remove()
+    d = tmp_path_factory.mktemp("owner")
+    key_path = key.save(d / "owner.sealkey")
+    kohya = export_lora(key, d / "owner.safetensors", "kohya", "owner")
+    diffusers = export_lora(key, d / "dl", "diffusers")
+    return dict(key=key, key_path=key_path, kohya=kohya, diffusers=diffusers, dir=d)
+
+
+def _suspect(lora: LoraFile, key) -> Suspect:
+    return Suspect(lora.path or "x", lora.layout, factors=lora.by_module(key.modules))
+
+
+def test_neg_log10_p_in_log_space():
+    assert neg_log10_p(0.0) == pytest.approx(math.log10(2))
+    assert neg_log10_p(3.0) == pytest.approx(-math.log10(0.0013498980316301), rel=1e-9)
+    assert neg_log10_p(1000.0) > 200000  # p ≈ 1e-217151, no underflow
+    assert math.isfinite(neg_log10_p(1e4))
+
+
+def test_copy_is_detected_and_passport_recovered_exactly(owner):
+    key = owner["key"]
+    for path in (owner["kohya"], owner["dir"] / "dl"):
+        lora = read_lora(path)
+        report = verify(key, _suspect(lora, key))
+        assert report.detected and report.neg_log10_p > 50
+        assert report.n_modules == 48 and report.n_modules_missing == 0 and report.n_entries == 48 * RANK * RANK
+        assert report.reconstruction_error < 1e-5
+        rec = recover_passports(key, _suspect(lora, key))
+        for name, c_hat in rec.items():
+            assert torch.allclose(c_hat.float(), key.modules[name].passport, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "attack, kwargs",
+    [("rescale", dict(factor=7.0)), ("permute", dict(seed=1)), ("mix", dict(seed=2)), ("pad-rank", dict(extra=3)),
+     ("refactor-svd", {})],
+)
+def test_product_preserving_obfuscations_leave_p_unchanged(owner, attack, kwargs):
+    key = owner["key"]
+    lora = read_lora(owner["kohya"])
+    base = verify(key, _suspect(lora, key))
+    attacked = attacks.FILE_ATTACKS[attack](lora, **kwargs)
+    rep = verify(key, _suspect(attacked, key))
+    assert rep.neg_log10_p == pytest.approx(base.neg_log10_p, rel=1e-4)
+    if attack != "pad-rank":
+        assert all(d.shape == read_lora(owner["kohya"]).entries[s][0].shape for s, (d, u) in attacked.entries.items())
+
+
+@pytest.mark.parametrize(
+    "attack, kwargs",
+    [("prune", dict(ratio=0.9)), ("prune", dict(ratio=0.9, on="delta")), ("quantize", dict(dtype="fp16")),
+     ("quantize", dict(dtype="int8")), ("noise", dict(std=0.2)), ("refactor-svd", dict(rank=2))],
+)
+def test_damaging_attacks_still_detected(owner, attack, kwargs):
+    key = owner["key"]
+    attacked = attacks.FILE_ATTACKS[attack](read_lora(owner["kohya"]), **kwargs)
+    rep = verify(key, _suspect(attacked, key))
+    assert rep.detected, f"{attack} {kwargs}: −log10 p = {rep.neg_log10_p:.1f}"
+
+
+def test_null_is_calibrated_over_decoy_keys(owner):
+    """200 decoy keys: the real (B, A) with fresh random passports the suspect never saw → z ~ N(0,1) exactly."""
+    key = owner["key"]
+    suspect = _suspect(read_lora(owner["kohya"]), key)
+    zs, hits = [], 0
+    for i in range(200):
+        decoy = make_passports(list(key.modules), RANK, f"decoy {i}")
+        dkey = SealKey({n: ModuleKey(mk.lora_A, mk.lora_B, decoy[n][0], decoy[n][1]) for n, mk in key.modules.items()},
+                       key.rank, key.alpha)
+        rep = verify(dkey, suspect)
+        zs.append(rep.z)
+        hits += rep.neg_log10_p >= 1.0  # α = 0.1
+    zs = torch.tensor(zs)
+    assert abs(float(zs.mean())) < 0.25 and 0.8 < float(zs.std()) < 1.2
+    assert hits / 200 <= 0.1 + 3 * math.sqrt(0.1 * 0.9 / 200)
+    assert not any(z >= 3.3 * 0 + 3.35 for z in zs.tolist()) or hits < 40  # no wild outliers
+
+
+def test_innocent_random_loras_not_detected(owner):
+    key = owner["key"]
+    g = torch.Generator().manual_seed(7)
+    template = read_lora(owner["kohya"])
+    for i in range(20):
+        entries = {s: (torch.randn(d.shape, generator=g), torch.randn(u.shape, generator=g) * 0.01)
+                   for s, (d, u) in template.entries.items()}
+        assert not verify(key, _suspect(LoraFile("kohya", entries), key)).detected
+
+
+def test_cli_verify_exit_codes_and_json(owner, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert cli_main(["verify", "--key", str(owner["key_path"]), str(owner["kohya"]), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    for field in ("detected", "neg_log10_p", "threshold", "statistic", "n_modules", "n_modules_missing", "n_entries",
+                  "suspect_format", "per_module", "reconstruction_error"):
+        assert field in report
+    assert report["detected"] is True and report["suspect_format"] == "kohya" and report["threshold"] == 3.3
+    assert set(report["per_module"][0]) == {"module", "stat", "neg_log10_p"}
+    assert cli_main(["verify", "--key", str(owner["key_path"]), str(owner["dir"] / "dl")]) == 0
+    g = torch.Generator().manual_seed(3)
+    innocent = LoraFile("kohya", {s: (torch.randn(d.shape, generator=g), torch.randn(u.shape, generator=g))
+                                  for s, (d, u) in read_lora(owner["kohya"]).entries.items()})
+    innocent.save(tmp_path / "innocent.safetensors")
+    assert cli_main(["verify", "--key", str(owner["key_path"]), str(tmp_path / "innocent.safetensors")]) == 1
+    capsys.readouterr()
+    assert cli_main(["verify", "--key", str(owner["key_path"]), str(tmp_path / "missing.safetensors")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.safetensors" in err[0]
+
+
+def test_cli_attack_and_scan(owner, tmp_path, capsys):
+    src = str(owner["kohya"])
+    for method, extra in [("prune", ["--ratio", "0.9"]), ("mix", []), ("quantize", ["--dtype", "int8"])]:
+        out = tmp_path / f"{method}.safetensors"
+        assert cli_main(["attack", method, src, str(out), *extra]) == 0
+        assert read_lora(out).layout == "kohya"
+    assert cli_main(["attack", "merge-lora", src, str(tmp_path / "m.safetensors"), "--other", src,
+                     "--weight", "0.5"]) == 0
+    capsys.readouterr()
+    assert cli_main(["scan", "--key", str(owner["key_path"]), str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert table.count("DETECTED") == 4 and "files/s" in table
+    assert cli_main(["attack", "prune", src, str(tmp_path / "prune.safetensors")]) == 2  # exists, no --overwrite
+
+
+def test_merged_checkpoint_is_detected(owner, tmp_path, tiny_dir):
+    model = tmp_path / "merged.safetensors"
+    attacks.merge_into_checkpoint(owner["kohya"], "tiny", model)
+    assert cli_main(["verify", "--key", str(owner["key_path"]), str(model), "--base", "tiny",
+                     "--config", str(tiny_dir), "--json", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["suspect_format"] == "checkpoint" and report["reconstruction_error"] < 1e-3
+    assert cli_main(["verify", "--key", str(owner["key_path"]), str(model)]) == 2  # needs --base
