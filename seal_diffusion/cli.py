@@ -39,6 +39,14 @@ def cmd_tiny_model(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    result = run_demo(args.out, steps=args.steps)
+    print(f"wrote {args.out}/summary.md ({result['seconds']:.0f} s)")
+    return 0
+
+
 def cmd_export(args) -> int:
     from .export import export_lora
     from .keyfile import SealKey
@@ -143,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
+    p = sub.add_parser("demo", help="the main job on the embedded default: train, export, verify, attack, compare")
+    p.add_argument("--out", default="demo-out", help="output folder (summary.md, images, key, LoRAs)")
+    p.add_argument("--steps", type=int, default=100, help="training steps of each LoRA (default 100)")
+    p.set_defaults(func=cmd_demo)
+
     p = sub.add_parser("tiny-model", help="write the embedded default model as a diffusers folder")
     p.add_argument("--out", required=True, help="folder to write (replaced if it exists)")
     p.set_defaults(func=cmd_tiny_model)
@@ -167,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="local diffusers folder with the configs, for single-file models offline")
     p.add_argument("--json", help="write the report as JSON here")
     p.add_argument("--threshold", type=float, default=3.3, help="detect when -log10 p >= this (default 3.3, p < 5e-4)")
-    p.add_argument("--statistic", default="correlation", choices=["correlation", "contrast"],
+    p.add_argument("--statistic", default="contrast", choices=["contrast", "correlation"],
                    help="pooled statistic (see docs/verification.md)")
     p.set_defaults(func=cmd_verify)
 
@@ -175,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", required=True, action="append", help="a .sealkey (repeat for several keys)")
     p.add_argument("paths", nargs="+", help="LoRA files or folders (searched for *.safetensors)")
     p.add_argument("--threshold", type=float, default=3.3)
-    p.add_argument("--statistic", default="correlation", choices=["correlation", "contrast"])
+    p.add_argument("--statistic", default="contrast", choices=["contrast", "correlation"])
     p.add_argument("--json", help="write the rows as JSON here")
     p.set_defaults(func=cmd_scan)
 

@@ -69,7 +69,7 @@ class SealKey:
         out = {}
         for name, mk in self.modules.items():
             for f in TENSOR_FIELDS:
-                out[f"{name}.{f}"] = getattr(mk, f).detach().float().cpu().contiguous()
+                out[f"{name}.{f}"] = getattr(mk, f).detach().float().cpu().contiguous().clone()
         return out
 
     def commitment(self) -> str:

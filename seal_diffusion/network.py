@@ -127,6 +127,20 @@ class SealNetwork(nn.Module):
         return {n: (l.passport.cpu(), l.passport_p.cpu()) for n, l in self._layers.items()}
 
     @torch.no_grad()
+    def assign_release_passports(self) -> int:
+        """After training: swap C and C_p in the modules whose secret coin says so (see
+        :func:`seal_diffusion.passport.release_swap`); returns how many were swapped. Random passports only: an image
+        passport stays C (the picture is the point), at the price of an indicative rather than exact p-value."""
+        from .passport import release_swap
+
+        swapped = 0
+        for layer in self._layers.values():
+            if release_swap(layer.passport.cpu(), layer.passport_p.cpu()):
+                layer.passport, layer.passport_p = layer.passport_p.clone(), layer.passport.clone()
+                swapped += 1
+        return swapped
+
+    @torch.no_grad()
     def load_factors(self, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Set A and B of every layer from ``{module: (A, B)}`` (all modules must be present, shapes must match)."""
         missing = [n for n in self._layers if n not in factors]

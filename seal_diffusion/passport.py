@@ -94,6 +94,17 @@ def pair_problem(c: torch.Tensor, c_p: torch.Tensor) -> str | None:
     return None
 
 
+def release_swap(c: torch.Tensor, c_p: torch.Tensor) -> bool:
+    """The per-module coin that decides, *after* training, which of the two trained passports is released.
+
+    A hash of both passports (secret-derived, so unpredictable to anyone else). Because the coin does not depend on
+    the training trajectory, a suspect that does not derive from the release cannot tell released from kept: the sign
+    of its contrast ⟨Ĉ, C − C_p⟩ is then a fair coin per module, which makes the verifier's sign-flip test exact.
+    """
+    digest = hashlib.sha256(b"seal-release\0" + c.float().numpy().tobytes() + c_p.float().numpy().tobytes()).digest()
+    return bool(digest[0] & 1)
+
+
 def load_passport_frames(path: str | os.PathLike, rank: int, std: float = 1.0) -> list[torch.Tensor]:
     """The r×r passports an image gives: grayscale, centre crop, resize, x/127.5 − 1, times ``std``; one per frame."""
     from PIL import Image, ImageSequence, UnidentifiedImageError

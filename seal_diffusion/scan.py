@@ -37,7 +37,7 @@ def expand_paths(paths) -> list[Path]:
     return out
 
 
-def scan(keys, paths, threshold: float = DEFAULT_THRESHOLD, statistic: str = "correlation",
+def scan(keys, paths, threshold: float = DEFAULT_THRESHOLD, statistic: str = "contrast",
          progress=None) -> tuple[list[ScanRow], float]:
     """Verify every file against every key; returns the rows and files/s."""
     loaded = []
