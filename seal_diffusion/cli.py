@@ -47,6 +47,15 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_ui(args) -> int:
+    try:
+        from ui.app import launch
+    except ImportError as exc:
+        raise UserError(f"ui: the app is not installed ({exc}); re-run ./setup.sh") from exc
+    launch(host=args.host, port=args.port, base=args.base, max_file_size=args.max_file_size)
+    return 0
+
+
 def cmd_export(args) -> int:
     from .export import export_lora
     from .keyfile import SealKey
@@ -226,6 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_compare_command(sub)
     add_sigma_sweep_command(sub)
+
+    p = sub.add_parser("ui", help="the web app for creators: train, export, compare, verify (http://127.0.0.1:7860)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this computer only; 0.0.0.0 opens it to your network)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--base", default="tiny", help="base model preselected in the app (default: tiny)")
+    p.add_argument("--max-file-size", default="1gb", help="largest upload accepted (default 1gb)")
+    p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("commitment", help="print the SHA-256 commitment of a key (publish it with the LoRA)")
     p.add_argument("--key", required=True, help="the private .sealkey file")
