@@ -28,6 +28,14 @@ def _quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*torchvision.*")
+    try:  # model-loading bars ("Loading pipeline components", "Loading weights") are noise in a CLI
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 # -- commands ------------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from .errors import UserError
 
 DEMO_STEPS = 100
 DEMO_RANK = 4
-DEMO_LR = {"seal": 2e-3, "lora": 2e-3}  # the tiny random model needs a bolder step than SD 1.5's 1e-5 / 5e-5
+DEMO_LR = {"seal": 3e-3, "lora": 3e-3}  # the tiny random model needs a bolder step than SD 1.5's 1e-5 / 5e-5
 DEMO_PROMPTS = ["a photo of sks cat", "a sks cat wearing a santa hat"]
 PRUNE_RATIO = 0.9
 
@@ -32,7 +32,8 @@ def _train(out: Path, subject: Path, method: str, seed: int, steps: int, rank: i
     argv = ["--pretrained_model_name_or_path", "tiny", "--instance_data_dir", str(subject),
             "--instance_prompt", "a photo of sks cat", "--output_dir", str(out), "--output_name", "cat",
             "--method", method, "--rank", str(rank), "--max_train_steps", str(steps),
-            "--learning_rate", str(DEMO_LR[method]), "--seed", str(seed), "--cache_latents", "--center_crop"]
+            "--learning_rate", str(DEMO_LR[method]), "--seed", str(seed), "--train_batch_size", "1",
+            "--cache_latents", "--center_crop"]
     if method == "seal":
         argv.append("--force")  # the demo's own output folder: re-running replaces its key
     return train(parse_args(argv))  # the trainer's own tqdm bar shows step, loss and time left
