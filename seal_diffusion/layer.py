@@ -98,7 +98,12 @@ class SealLoRALayer(nn.Module):
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         """(α/r)·B·C_t·A·dropout(x) for the current mode (not including W x)."""
-        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)
+        x = self.dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            # under autocast F.linear casts x itself; a .to(float32) first would only add two full-size copies of x
+            # (forward and backward) and round-trip back to the same low-precision values
+            x = x.to(self.lora_A.dtype)
+        h = F.linear(x, self.lora_A)
         if self.mode == "split":
             k = self.split
             if not 0 <= k <= h.shape[0]:

@@ -1,0 +1,173 @@
+"""The training-step harness shared by bench_training.py and bench_vs_peft.py.
+
+A "config" fixes the UNet, latent size, batch and precision; a "method" puts a LoRA on it:
+
+* ``seal``  — :class:`seal_diffusion.network.SealNetwork` with random passports, C on even steps and C_p on odd steps
+  (the ``alternate`` schedule the trainer uses);
+* ``lora``  — the same class with ``passports=None`` (plain LoRA through our code: mode ``identity``, no r×r product);
+* ``peft``  — diffusers' own PEFT LoRA, ``unet.add_adapter(LoraConfig(...))``, trainable params cast to fp32 as
+  diffusers' ``train_dreambooth_lora.py`` does under mixed precision.
+
+One step = what the trainer does per batch with cached latents: forward of the UNet on (noisy latents, timesteps,
+text embeddings) under the config's autocast, MSE to a target, backward, AdamW step, zero_grad. The inputs are random
+tensors prepared beforehand (identical for every method), so the step times the model only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+
+import torch
+import torch.nn.functional as F
+
+CONFIGS = {
+    # the embedded default (fp32, as the trainer runs it without --mixed_precision); trainer default batch 4
+    "tiny": dict(unet="tiny", latent=32, batch=4, bf16=False, label="tiny default, 32² latents (64² px), fp32, batch 4"),
+    # the real SD 1.5 architecture, random weights, bf16 weights + bf16 autocast (= --mixed_precision bf16)
+    "sd15-256": dict(unet="sd15", latent=32, batch=1, bf16=True, label="SD 1.5 arch, 32² latents (256² px), bf16, batch 1"),
+    "sd15-512": dict(unet="sd15", latent=64, batch=1, bf16=True, label="SD 1.5 arch, 64² latents (512² px), bf16, batch 1"),
+}
+PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def build_unet(kind: str, seed: int = 0):
+    from seal_diffusion.tiny import TINY_UNET_CONFIG, build_sd15_unet
+
+    if kind == "tiny":
+        from diffusers import UNet2DConditionModel
+
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
+    else:
+        torch.manual_seed(seed)
+        unet = build_sd15_unet("cpu", torch.bfloat16)
+    unet.requires_grad_(False)
+    unet.train()
+    return unet
+
+
+def make_inputs(unet, cfg: dict, n: int = 2, seed: int = 1) -> list[tuple]:
+    g = torch.Generator().manual_seed(seed)
+    dtype = torch.bfloat16 if cfg["bf16"] else torch.float32
+    c = unet.config
+    out = []
+    for _ in range(n):
+        x = torch.randn(cfg["batch"], c.in_channels, cfg["latent"], cfg["latent"], generator=g).to(dtype)
+        t = torch.randint(0, 1000, (cfg["batch"],), generator=g)
+        ehs = torch.randn(cfg["batch"], 77, c.cross_attention_dim, generator=g).to(dtype)
+        target = torch.randn(cfg["batch"], c.out_channels, cfg["latent"], cfg["latent"], generator=g)
+        out.append((x, t, ehs, target))
+    return out
+
+
+class Adapter:
+    """A LoRA method on a UNet, with activate/deactivate (for sharing one UNet) and the per-step passport switch."""
+
+    def __init__(self, name, unet, params, activate=None, deactivate=None, set_step=None, n_modules=0):
+        self.name, self.unet, self.params = name, unet, params
+        self._activate, self._deactivate, self._set_step = activate, deactivate, set_step
+        self.n_modules = n_modules
+
+    def activate(self):
+        if self._activate:
+            self._activate()
+
+    def deactivate(self):
+        if self._deactivate:
+            self._deactivate()
+
+    def set_step(self, i: int):
+        if self._set_step:
+            self._set_step(i)
+
+
+def make_adapter(method: str, unet, rank: int) -> Adapter:
+    """Install ``method`` on ``unet``. ``seal``/``lora`` come back *deactivated* (unpatched) so several can share one
+    UNet; ``peft`` changes the module tree and so needs a UNet of its own (it is always active)."""
+    if method in ("seal", "lora"):
+        from seal_diffusion.network import SealNetwork, find_target_modules
+        from seal_diffusion.passport import make_passports
+
+        passports = None
+        if method == "seal":
+            passports = make_passports(list(find_target_modules(unet)), rank, b"benchmark-secret")
+        net = SealNetwork(unet, rank, rank, passports)
+        net.remove()
+
+        def activate():
+            for layer in net.layers:
+                layer.patch()
+
+        def set_step(i):
+            if method == "seal":
+                net.set_passport("C" if i % 2 == 0 else "C_p")
+
+        return Adapter(method, unet, net.trainable_parameters(), activate, net.remove, set_step, len(net.layers))
+    if method == "peft":
+        from diffusers.training_utils import cast_training_params
+        from peft import LoraConfig
+
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                    target_modules=PEFT_TARGETS))
+        cast_training_params(unet, dtype=torch.float32)
+        params = [p for p in unet.parameters() if p.requires_grad]
+        return Adapter("peft", unet, params, n_modules=len(params) // 2)
+    raise ValueError(method)
+
+
+def make_step(adapter: Adapter, inputs: list[tuple], bf16: bool, lr: float = 1e-4):
+    """A closure running one training step of ``adapter`` (the adapter must be active when it is called)."""
+    opt = torch.optim.AdamW(adapter.params, lr=lr, weight_decay=1e-2)
+    unet = adapter.unet
+    state = {"i": 0}
+
+    def step():
+        i = state["i"]
+        adapter.set_step(i)
+        x, t, ehs, target = inputs[i % len(inputs)]
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with ctx:
+            pred = unet(x, t, ehs, return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        state["i"] = i + 1
+        return float(loss.detach())
+
+    return step
+
+
+def memory_worker(config: str, method: str, rank: int, steps: int) -> dict:
+    """In a fresh process: build, install, then reset the peak-RSS counter and run 1 + ``steps`` training steps.
+
+    Reports RSS after setup (model + adapter), the peak RSS during the steps, and their difference (optimizer state,
+    gradients, activations and whatever the allocator keeps), all in MiB.
+    """
+    import time
+
+    from _common import peak_rss_kib, reset_peak_rss, rss_kib
+
+    cfg = CONFIGS[config]
+    unet = build_unet(cfg["unet"])
+    adapter = make_adapter(method, unet, rank)
+    adapter.activate()
+    inputs = make_inputs(unet, cfg)
+    step = make_step(adapter, inputs, cfg["bf16"])
+    gc.collect()
+    setup = rss_kib()
+    ok = reset_peak_rss()
+    t0 = time.perf_counter()
+    for _ in range(1 + steps):
+        step()
+    elapsed = time.perf_counter() - t0
+    peak = peak_rss_kib()
+    return dict(config=config, method=method, rank=rank, steps=1 + steps, setup_mib=setup / 1024,
+                peak_mib=peak / 1024, delta_mib=(peak - setup) / 1024, peak_reset=ok, seconds=elapsed,
+                n_modules=adapter.n_modules)
+
+
+def copy_unet(unet):
+    return copy.deepcopy(unet)
