@@ -243,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_compare_command(sub)
     add_sigma_sweep_command(sub)
+    from .robustness import add_robustness_command
+
+    add_robustness_command(sub)
 
     p = sub.add_parser("ui", help="the web app for creators: train, export, compare, verify (http://127.0.0.1:7860)")
     p.add_argument("--host", default="127.0.0.1",
