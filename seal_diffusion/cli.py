@@ -265,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     # Idle OpenMP threads that spin make small CPU ops many times slower on a busy machine; must precede torch's import.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":  # everything after `train` belongs to the trainer's own parser (incl. --help)
+        _quiet_libraries()
+        from .training import main as train_main
+
+        return train_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -178,3 +178,11 @@ def test_load_single_file_checkpoint_made_from_tiny(tiny_dir, tmp_path):
         assert torch.equal(v, pipe.unet.state_dict()[k])
     with pytest.raises(UserError, match="--config"):
         load_pipeline(str(ckpt), config=tmp_path)
+
+
+def test_cli_train_passes_everything_to_the_trainer(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["train", "--help"])
+    assert exc.value.code == 0 and "--instance_data_dir" in capsys.readouterr().out
+    assert cli_main(["train", "--instance_data_dir", "/does/not/exist", "--instance_prompt", "x"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
