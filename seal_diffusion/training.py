@@ -1179,12 +1179,10 @@ def _reset_accelerate_state() -> None:
 # command line
 # ==================================================================================================================
 def _quiet_libraries() -> None:
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
+    """The CLI's settings (library log levels, no model-loading bars), so both entry points behave the same."""
+    from .cli import _quiet_libraries as quiet
 
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    quiet()
 
 
 def main(argv: list[str] | None = None) -> int:
