@@ -2,10 +2,9 @@
 train_dreambooth_lora.py). Run ``accelerate launch train_dreambooth_seal.py --help``; the work is done by
 :mod:`seal_diffusion.training`."""
 
-import os
+from seal_diffusion.cpu import short_openmp_spin
 
-# idle OpenMP threads that spin make small CPU ops many times slower on a busy machine; set before torch loads
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+short_openmp_spin()  # before torch loads
 
 from seal_diffusion.training import main  # noqa: E402
 

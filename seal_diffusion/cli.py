@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from .cpu import short_openmp_spin
 from .errors import UserError
 
 
@@ -262,8 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Idle OpenMP threads that spin make small CPU ops many times slower on a busy machine; must precede torch's import.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    short_openmp_spin()  # before torch's import
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":  # everything after `train` belongs to the trainer's own parser (incl. --help)
         _quiet_libraries()

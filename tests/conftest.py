@@ -5,8 +5,9 @@ import tempfile
 
 _CACHE = tempfile.mkdtemp(prefix="seal-test-cache-")
 os.environ.setdefault("SEAL_DIFFUSION_CACHE", _CACHE)
-# OpenMP threads that spin while idle make small ops up to 35× slower when the 2 cores are shared: sleep instead.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from seal_diffusion.cpu import short_openmp_spin  # noqa: E402
+
+short_openmp_spin()  # OpenMP threads that spin long while idle make small ops many times slower on shared cores
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"

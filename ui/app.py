@@ -730,7 +730,6 @@ def launch(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, base: str = "tiny
 
     ``block=False`` returns at once with the server running (tests; stop it with ``demo.close()``).
     """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from seal_diffusion.base_model import resolve_base
 
