@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+# benchmarks report process CPU time next to wall time: idle threads must sleep, not spin, for that to mean work
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -62,6 +63,7 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "load_avg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
     }
     for mod in ("diffusers", "peft", "safetensors"):
         try:
@@ -80,7 +82,7 @@ def print_machine(info: dict) -> None:
     print(f"machine: {info['cpu']} — {info['usable_cpus']} usable of {info['logical_cpus']} logical CPUs, "
           f"{info.get('mem_total_gib', '?')} GiB RAM, avx512_bf16={info['avx512_bf16']}")
     print(f"software: torch {info['torch']} ({info['torch_threads']} threads), diffusers {info['diffusers']}, "
-          f"peft {info['peft']}, Python {info['python']}, OMP_WAIT_POLICY={info['omp_wait_policy']}")
+          f"peft {info['peft']}, Python {info['python']}, OMP_WAIT_POLICY={info['omp_wait_policy']}, GOMP_SPINCOUNT={info['gomp_spincount']}")
     if info.get("load_avg_start"):
         print("load average at start: " + ", ".join(f"{x:.2f}" for x in info["load_avg_start"])
               + "  (>0 means other jobs share the CPU: trust the ratios, not the absolute times)")

@@ -65,17 +65,19 @@ class SealKey:
         }
         return cls(modules, network.rank, network.alpha, base_model, list(network.targets), passport_source)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
+    def tensors(self, *, copy: bool = True) -> dict[str, torch.Tensor]:
+        """The file's tensors (float32, CPU, contiguous); ``copy=False`` skips the defensive clone (read-only use)."""
         out = {}
         for name, mk in self.modules.items():
             for f in TENSOR_FIELDS:
-                out[f"{name}.{f}"] = getattr(mk, f).detach().float().cpu().contiguous().clone()
+                t = getattr(mk, f).detach().float().cpu().contiguous()
+                out[f"{name}.{f}"] = t.clone() if copy else t
         return out
 
     def commitment(self) -> str:
         """SHA-256 (hex) over the canonical tensors; see the module docstring."""
         h = hashlib.sha256(f"sealkey-commitment-v1\0rank={self.rank}\0alpha={self.alpha!r}\0".encode())
-        for name, t in sorted(self.tensors().items()):
+        for name, t in sorted(self.tensors(copy=False).items()):
             h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
             h.update(t.numpy().astype("<f4", copy=False).tobytes())
         return h.hexdigest()

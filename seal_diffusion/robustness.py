@@ -50,7 +50,7 @@ import torch
 from .errors import UserError
 from .keyfile import ModuleKey, SealKey
 from .lora_file import LoraFile, read_lora
-from .verify import DEFAULT_THRESHOLD, Suspect, _pinvs, sign_flip_neg_log10_p, verify
+from .verify import DEFAULT_THRESHOLD, Suspect, prepare, sign_flip_neg_log10_p, verify
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # {module: (down r×in, up out×r)}, ΔW = up @ down
 Progress = Callable[[int, int, str], object]  # (units done, units total, what is running)
@@ -359,7 +359,7 @@ def run_robustness(key, lora, base="tiny", data=None, out_dir="robustness", *, q
                     trained_innocents=trained_innocents)
     tick = _Ticker(_plan_units(plan), progress)
     modules = list(key.modules)
-    pinvs = _pinvs(key)
+    prepared = prepare(key)  # key-side algebra once for the whole report
     geometry = _KeyGeometry(key)
 
     def suspect_of(lf: LoraFile, name: str) -> Suspect:
@@ -367,7 +367,7 @@ def run_robustness(key, lora, base="tiny", data=None, out_dir="robustness", *, q
 
     def check(lf: LoraFile, name: str, fid: bool = True) -> dict:
         s = suspect_of(lf, name)
-        rep = verify(key, s, threshold, pinvs=pinvs)
+        rep = verify(prepared, s, threshold)
         row = {"neg_log10_p": rep.neg_log10_p, "detected": rep.detected, "reconstruction_error":
                rep.reconstruction_error, "n_modules": rep.n_modules}
         meas = geometry.measures(s.factors)
@@ -439,7 +439,7 @@ def run_robustness(key, lora, base="tiny", data=None, out_dir="robustness", *, q
         from .verify import load_suspect
 
         ck = load_suspect(merged_dir, key, base, config=config)
-        rep = verify(key, ck, threshold, pinvs=pinvs)
+        rep = verify(prepared, ck, threshold)
         rows.append(dict(group="merge", attack="merge-checkpoint (diffusers folder, verified with --base)",
                          neg_log10_p=rep.neg_log10_p, detected=rep.detected,
                          reconstruction_error=rep.reconstruction_error, n_modules=rep.n_modules))
@@ -511,7 +511,7 @@ def run_robustness(key, lora, base="tiny", data=None, out_dir="robustness", *, q
         tick("claim check (library)")
 
         # 5b. innocents
-        innocents = _innocents(key, release, base_suspect, trained, plan, threshold, seed, pinvs, geometry, tick)
+        innocents = _innocents(key, release, base_suspect, trained, plan, threshold, seed, prepared, geometry, tick)
 
     report = {
         "meta": {"key": key_label, "lora": str(lora_path), "base": str(base), "data": str(data),
@@ -569,12 +569,12 @@ def _train_innocents(plan: Plan, base, data, prompt, config, rank, seed, tmp: Pa
     return paths
 
 
-def _innocents(key, release, base_suspect, trained, plan, threshold, seed, pinvs, geometry, tick) -> dict:
+def _innocents(key, release, base_suspect, trained, plan, threshold, seed, prepared, geometry, tick) -> dict:
     modules = list(key.modules)
     kinds: dict[str, list[dict]] = {"decoy key": [], "random LoRA": [], "same-subject plain LoRA": []}
 
-    def record(kind: str, k: SealKey, s: Suspect, pin, geo) -> None:
-        rep = verify(k, s, threshold, pinvs=pin)
+    def record(kind: str, k, s: Suspect, geo) -> None:
+        rep = verify(k, s, threshold)
         meas = geo.measures(s.factors)
         kinds[kind].append({"neg_log10_p": rep.neg_log10_p, "z": rep.z,
                             "weighted_pair": weighted_neg_log10_p(rep, meas, "pair"),
@@ -582,16 +582,16 @@ def _innocents(key, release, base_suspect, trained, plan, threshold, seed, pinvs
 
     for i in range(plan.n_decoys):
         dk = _decoy_key(key, i, seed)
-        record("decoy key", dk, base_suspect, pinvs, geometry.with_passports(dk))
+        record("decoy key", prepared.with_passports(dk), base_suspect, geometry.with_passports(dk))
         tick("innocents: decoy keys")
     gen = torch.Generator().manual_seed(seed + 7)
     for i in range(plan.n_random):
         lf = _random_lora(release, gen)
-        record("random LoRA", key, Suspect(f"random {i}", lf.layout, factors=lf.by_module(modules)), pinvs, geometry)
+        record("random LoRA", prepared, Suspect(f"random {i}", lf.layout, factors=lf.by_module(modules)), geometry)
         tick("innocents: random LoRAs")
     for path in trained:
         lf = read_lora(path)
-        record("same-subject plain LoRA", key, Suspect(str(path), lf.layout, factors=lf.by_module(modules)), pinvs,
+        record("same-subject plain LoRA", prepared, Suspect(str(path), lf.layout, factors=lf.by_module(modules)),
                geometry)
     all_rows = [r for rs in kinds.values() for r in rs]
     n = len(all_rows)

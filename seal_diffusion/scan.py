@@ -1,6 +1,6 @@
 """Scan many files against one or many keys: a marketplace-style sweep with a table of verdicts.
 
-Each key's pseudo-inverses are computed once; each file is read once and tested against every key. Unreadable files
+Each key's algebra (pseudo-inverses, norms) is computed once; each file is read once and tested against every key. Unreadable files
 get an error row and the scan goes on.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from .errors import UserError
 from .keyfile import SealKey
 from .lora_file import read_lora
-from .verify import DEFAULT_THRESHOLD, Suspect, _pinvs, verify
+from .verify import DEFAULT_THRESHOLD, Suspect, prepare, verify
 
 
 @dataclass
@@ -43,7 +43,7 @@ def scan(keys, paths, threshold: float = DEFAULT_THRESHOLD, statistic: str = "co
     loaded = []
     for k in keys:
         key = k if isinstance(k, SealKey) else SealKey.load(k)
-        loaded.append((str(k), key, _pinvs(key)))
+        loaded.append((str(k), key, prepare(key)))
     files = expand_paths(paths)
     if not files:
         raise UserError("scan: no files to scan (folders are searched for *.safetensors)")
@@ -56,12 +56,12 @@ def scan(keys, paths, threshold: float = DEFAULT_THRESHOLD, statistic: str = "co
         except UserError as exc:
             rows.extend(ScanRow(name, str(f), None, None, str(exc)) for name, _, _ in loaded)
             continue
-        for name, key, pinvs in loaded:
+        for name, key, prepared in loaded:
             suspect = Suspect(str(f), lora.layout, factors=lora.by_module(key.modules))
             if not suspect.factors:
                 rows.append(ScanRow(name, str(f), False, 0.0, "no module of this key"))
                 continue
-            report = verify(key, suspect, threshold, statistic, pinvs)
+            report = verify(prepared, suspect, threshold, statistic)
             rows.append(ScanRow(name, str(f), report.detected, report.neg_log10_p))
     elapsed = time.perf_counter() - start
     return rows, len(files) / elapsed if elapsed > 0 else float("inf")

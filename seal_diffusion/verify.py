@@ -32,6 +32,7 @@ Detection: −log10 p ≥ threshold (default 3.3, p < 5·10⁻⁴, the paper's r
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -101,53 +102,118 @@ class VerifyReport:
 
 
 # -- recovery -----------------------------------------------------------------------------------------------------------
-def _pinvs(key: SealKey) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """pinv(B) (r×out) and pinv(A) (in×r) in float64 for every module of the key."""
-    # pinv(B) = pinv(BᵀB)·Bᵀ and pinv(A) = Aᵀ·pinv(AAᵀ) hold for any matrix: only r×r pseudo-inverses, no SVD of the
-    # tall factors (6× faster on SD 1.5 shapes).
-    out = {}
-    for name, mk in key.modules.items():
-        b, a = mk.lora_B.double(), mk.lora_A.double()
-        out[name] = (torch.linalg.pinv(b.T @ b, hermitian=True) @ b.T, a.T @ torch.linalg.pinv(a @ a.T, hermitian=True))
+class PreparedKey:
+    """What verification needs from a key, computed once (``scan`` and the robustness report reuse it per file).
+
+    Per module, in float64: B and A, the r×r pseudo-inverses G_B = pinv(BᵀB) and G_A = pinv(AAᵀ) (so that
+    pinv(B) = G_B·Bᵀ and pinv(A) = Aᵀ·G_A — identities that hold for any matrix), C, the reference passport of each
+    statistic, and ‖s·B·C·A‖² = s²·tr(BᵀB·C·AAᵀ·Cᵀ). Only r×r matrices beyond the factors themselves, no SVD of a
+    tall factor. Modules of equal shape are stacked and handled by batched products (SD 1.5's 128 modules come in 7
+    shapes), so the work is a few dozen large BLAS calls instead of a thousand small ones.
+    """
+
+    def __init__(self, key: SealKey):
+        self.groups: dict[tuple[int, int], list[str]] = {}
+        for name, mk in key.modules.items():
+            self.groups.setdefault((mk.lora_B.shape[0], mk.lora_A.shape[1]), []).append(name)
+        self.where = {n: (shape, i) for shape, names in self.groups.items() for i, n in enumerate(names)}
+        self.b, self.a, self.btb, self.aat, self.g_b, self.g_a = {}, {}, {}, {}, {}, {}
+        for shape, names in self.groups.items():
+            b = _stack64([key.modules[n].lora_B for n in names])  # g × out × r
+            a = _stack64([key.modules[n].lora_A for n in names])  # g × r × in
+            self.b[shape], self.a[shape] = b, a
+            self.btb[shape], self.aat[shape] = b.mT @ b, a @ a.mT
+            self.g_b[shape], self.g_a[shape] = _pinv_sym(self.btb[shape]), _pinv_sym(self.aat[shape])
+        self._set_passports(key)
+
+    def _set_passports(self, key: SealKey) -> None:
+        self.key, self.scale, self.sigma = key, key.scale, passport_std(key)
+        self.c, self.contrast, self.release_sq = {}, {}, {}
+        for shape, names in self.groups.items():
+            c = _stack64([key.modules[n].passport for n in names])
+            self.c[shape] = c
+            self.contrast[shape] = c - _stack64([key.modules[n].passport_p for n in names])
+            self.release_sq[shape] = self.scale ** 2 * ((self.btb[shape] @ c @ self.aat[shape]) * c).sum((1, 2))
+
+    def with_passports(self, key: SealKey) -> "PreparedKey":
+        """The same factors (B, A must be this key's) with ``key``'s passports: decoy keys without redoing pinvs."""
+        other = copy.copy(self)
+        other._set_passports(key)
+        return other
+
+    def reference(self, name: str, statistic: str) -> torch.Tensor:
+        """The passport a recovered Ĉ is compared with: C (``correlation``) or C − C_p (``contrast``)."""
+        shape, i = self.where[name]
+        return (self.c if statistic == "correlation" else self.contrast)[shape][i]
+
+
+def _stack64(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stack as float64 with one copy (``torch.stack(...).double()`` makes two)."""
+    out = torch.empty((len(tensors), *tensors[0].shape), dtype=torch.float64)
+    for i, t in enumerate(tensors):
+        out[i].copy_(t)
     return out
 
 
-def recover_passports(key: SealKey, suspect: Suspect, pinvs=None) -> dict[str, torch.Tensor]:
-    """Ĉ for every module of the key that the suspect holds (float64, scale removed)."""
-    pinvs = pinvs or _pinvs(key)
-    recovered = {}
-    for name in key.modules:
-        pb, pa = pinvs[name]
-        if name in suspect.factors:
-            down, up = suspect.factors[name]
-            c_hat = (pb @ up.double()) @ (down.double() @ pa)
-        elif name in suspect.deltas:
-            c_hat = pb @ suspect.deltas[name].double() @ pa
-        else:
-            continue
-        recovered[name] = c_hat / key.scale
-    return recovered
+def _pinv_sym(g: torch.Tensor) -> torch.Tensor:
+    """Pseudo-inverses of a stack of symmetric r×r matrices (numpy's LAPACK loop: 4× faster than torch's here)."""
+    import numpy as np
+
+    return torch.from_numpy(np.linalg.pinv(g.numpy(), hermitian=True))
 
 
-def _reconstruction_error(key: SealKey, suspect: Suspect) -> float | None:
-    """‖ΔŴ − s·B·C·A‖ / ‖s·B·C·A‖ over all shared modules, from r×r traces (no ΔW formed for LoRA suspects)."""
+def prepare(key: SealKey | PreparedKey) -> PreparedKey:
+    """``key`` ready for :func:`verify` (a :class:`PreparedKey` is returned as is)."""
+    return key if isinstance(key, PreparedKey) else PreparedKey(key)
+
+
+def _recover(prep: PreparedKey, suspect: Suspect) -> tuple[dict[str, torch.Tensor], float | None]:
+    """Ĉ per module held by the suspect (key order), and ‖ΔŴ − s·B·C·A‖ / ‖s·B·C·A‖ over those modules.
+
+    LoRA suspect (down D, up U): P = (BᵀU)(DAᵀ) = Bᵀ·ΔŴ·Aᵀ is r×r, Ĉ = G_B·P·G_A / s; the error needs
+    ‖ΔŴ‖² = tr(UᵀU·DDᵀ) and ⟨ΔŴ, s·B·C·A⟩ = s·⟨P, C⟩ — ΔW is never formed. Merged model: P = Bᵀ·ΔW·Aᵀ directly.
+    Modules are batched per key shape group and, within it, per suspect rank.
+    """
+    found: dict[str, torch.Tensor] = {}
     num = den = 0.0
-    for name, mk in key.modules.items():
-        x = mk.lora_B.double() * key.scale  # out × r
-        y = mk.passport.double() @ mk.lora_A.double()  # r × in
-        xy2 = float(torch.trace((x.T @ x) @ (y @ y.T)))
-        if name in suspect.factors:
-            down, up = (t.double() for t in suspect.factors[name])
-            ud2 = float(torch.trace((up.T @ up) @ (down @ down.T)))
-            cross = float(torch.trace((x.T @ up) @ (down @ y.T)))
-        elif name in suspect.deltas:
-            d = suspect.deltas[name].double()
-            ud2, cross = float((d * d).sum()), float(torch.trace(x.T @ d @ y.T))
-        else:
-            continue
-        num += max(ud2 - 2 * cross + xy2, 0.0)
-        den += xy2
-    return math.sqrt(num / den) if den > 0 else None
+    s = prep.scale
+    for shape, names in prep.groups.items():
+        batches: dict[object, list[int]] = {}
+        for i, n in enumerate(names):
+            if n in suspect.factors:
+                batches.setdefault(suspect.factors[n][0].shape[0], []).append(i)
+            elif n in suspect.deltas:
+                batches.setdefault("delta", []).append(i)
+        for kind, idx in batches.items():
+            pick = (lambda t: t) if len(idx) == len(names) else (lambda t: t[idx])  # indexing would copy
+            b, a = pick(prep.b[shape]), pick(prep.a[shape])
+            if kind == "delta":
+                d = _stack64([suspect.deltas[names[i]] for i in idx])
+                p = (b.mT @ d) @ a.mT
+                suspect_sq = (d * d).sum((1, 2))
+            else:
+                down = _stack64([suspect.factors[names[i]][0] for i in idx])  # k × r' × in
+                up = _stack64([suspect.factors[names[i]][1] for i in idx])  # k × out × r'
+                p = (b.mT @ up) @ (down @ a.mT)
+                suspect_sq = ((up.mT @ up) * (down @ down.mT)).sum((1, 2))
+            c_hat = pick(prep.g_b[shape]) @ p @ pick(prep.g_a[shape]) / s
+            release_sq = pick(prep.release_sq[shape])
+            err_sq = suspect_sq - 2 * s * (p * pick(prep.c[shape])).sum((1, 2)) + release_sq
+            num += float(err_sq.clamp_min(0).sum())
+            den += float(release_sq.sum())
+            found.update((names[i], c) for i, c in zip(idx, c_hat))
+    recovered = {n: found[n] for n in prep.where if n in found}
+    return recovered, (math.sqrt(num / den) if den > 0 else None)
+
+
+def recover_passports(key: SealKey | PreparedKey, suspect: Suspect) -> dict[str, torch.Tensor]:
+    """Ĉ = pinv(B)·ΔŴ·pinv(A) / s for every module of the key that the suspect holds (float64)."""
+    return _recover(prepare(key), suspect)[0]
+
+
+def _reconstruction_error(key: SealKey | PreparedKey, suspect: Suspect) -> float | None:
+    """‖ΔŴ − s·B·C·A‖ / ‖s·B·C·A‖ over all shared modules (r×r traces; no ΔW formed for LoRA suspects)."""
+    return _recover(prepare(key), suspect)[1]
 
 
 def passport_std(key: SealKey) -> float:
@@ -194,53 +260,55 @@ def sign_flip_neg_log10_p(d: list[float], resolution: int = 1000) -> float:
         return t * t / (2.0 * float(np.sum(a * a))) / LN10
     delta = a.max() / resolution
     q = np.rint(a / delta).astype(np.int64)
+    q = q[q > 0]
+    # S_grid/δ = 2X − Q with X = the sum of the q_i whose sign is +: a subset sum, each term in with probability ½.
+    # counts[k] = number of sign patterns with X = k (≤ 2^M, exact enough in float64), grown one term at a time.
     total = int(q.sum())
-    probs = np.zeros(2 * total + 1)
-    probs[total] = 1.0
+    counts = np.zeros(total + 1)
+    counts[0] = 1.0
+    hi = 0
     for qi in q:
-        if qi == 0:
-            continue
-        shifted = np.zeros_like(probs)
-        shifted[qi:] += 0.5 * probs[:-qi]
-        shifted[:-qi] += 0.5 * probs[qi:]
-        probs = shifted
-    threshold = math.ceil((t - m * delta / 2.0) / delta - 1e-9)
-    tail = float(probs[max(threshold + total, 0):].sum())
+        counts[qi:hi + qi + 1] += counts[:hi + 1].copy()
+        hi += qi
+    threshold = math.ceil((t - m * delta / 2.0) / delta - 1e-9)  # S_grid/δ ≥ threshold ⇔ X ≥ (threshold + Q)/2
+    k0 = max(math.ceil((threshold + total) / 2.0), 0)
+    tail = float(counts[k0:].sum()) / 2.0 ** q.size if k0 <= total else 0.0
     return float(-math.log10(max(min(tail, 1.0), 1e-320)))
 
 
 def verify(
-    key: SealKey,
+    key: SealKey | PreparedKey,
     suspect: Suspect,
     threshold: float = DEFAULT_THRESHOLD,
     statistic: str = "contrast",
-    pinvs=None,
 ) -> VerifyReport:
-    """Test whether ``suspect`` carries ``key``'s passport; see the module docstring for the statistic."""
+    """Test whether ``suspect`` carries ``key``'s passport; see the module docstring for the statistic.
+
+    ``key`` may be a :class:`PreparedKey` (``prepare(key)``) to reuse the key's precomputation across many suspects.
+    """
     if statistic not in STATISTICS:
         raise UserError(f"--statistic {statistic!r}: expected one of {', '.join(STATISTICS)}")
-    recovered = recover_passports(key, suspect, pinvs)
-    sigma = passport_std(key)
-    per_module, zs, n_entries = [], [], 0
+    prep = prepare(key)
+    key = prep.key
+    recovered, reconstruction_error = _recover(prep, suspect)
+    ref_sigma = prep.sigma if statistic == "correlation" else prep.sigma * math.sqrt(2.0)
+    zs, n_entries = [], 0
     for name, c_hat in recovered.items():
-        mk = key.modules[name]
-        if statistic == "correlation":
-            ref, ref_sigma = mk.passport.double(), sigma
-        else:
-            ref, ref_sigma = mk.passport.double() - mk.passport_p.double(), sigma * math.sqrt(2.0)
         norm_hat = float(c_hat.norm())
-        z = float((c_hat * ref).sum()) / (ref_sigma * norm_hat) if norm_hat > 0 and math.isfinite(norm_hat) else 0.0
+        z = float((c_hat * prep.reference(name, statistic)).sum()) / (ref_sigma * norm_hat) if norm_hat > 0 and math.isfinite(norm_hat) \
+            else 0.0
         zs.append(z)
         n_entries += c_hat.numel()
-        per_module.append(ModuleResult(name, z, neg_log10_p(z)))
+    module_nlp = -norm.logsf(zs) / LN10  # vectorised: one scipy call, not one per module
+    per_module = [ModuleResult(n, z, float(p)) for n, z, p in zip(recovered, zs, module_nlp)]
     if not zs:
         raise UserError(f"{suspect.path}: holds none of the key's {len(key.modules)} modules (wrong key or base?)")
     if statistic == "correlation":
         z_all = pool(zs, [_group_id(key.modules[m.module], statistic) for m in per_module])
         nlp = neg_log10_p(z_all)
     else:
-        norm = math.sqrt(sum(z * z for z in zs))
-        z_all = sum(zs) / norm if norm > 0 else 0.0
+        z_norm = math.sqrt(sum(z * z for z in zs))
+        z_all = sum(zs) / z_norm if z_norm > 0 else 0.0
         nlp = sign_flip_neg_log10_p(zs)
     return VerifyReport(
         detected=nlp >= threshold,
@@ -252,7 +320,7 @@ def verify(
         n_entries=n_entries,
         suspect_format=suspect.format,
         per_module=per_module,
-        reconstruction_error=_reconstruction_error(key, suspect),
+        reconstruction_error=reconstruction_error,
         z=z_all,
         suspect=str(suspect.path),
     )

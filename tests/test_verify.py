@@ -13,7 +13,7 @@ from seal_diffusion.keyfile import ModuleKey, SealKey
 from seal_diffusion.lora_file import LoraFile, read_lora
 from seal_diffusion.network import SealNetwork, find_target_modules
 from seal_diffusion.passport import make_passports
-from seal_diffusion.verify import Suspect, neg_log10_p, recover_passports, verify
+from seal_diffusion.verify import Suspect, neg_log10_p, prepare, recover_passports, sign_flip_neg_log10_p, verify
 
 RANK = 4
 
@@ -55,6 +55,84 @@ def test_neg_log10_p_in_log_space():
     assert neg_log10_p(3.0) == pytest.approx(-math.log10(0.0013498980316301), rel=1e-9)
     assert neg_log10_p(1000.0) > 200000  # p ≈ 1e-217151, no underflow
     assert math.isfinite(neg_log10_p(1e4))
+
+
+def _exact_sign_flip_tail(d, t):
+    """P(Σ ε_m |d_m| ≥ t) by enumerating all 2^M sign patterns."""
+    a = torch.tensor([abs(x) for x in d], dtype=torch.float64)
+    m = len(d)
+    signs = ((torch.arange(2 ** m)[:, None] >> torch.arange(m)) & 1).double() * 2 - 1
+    return float(((signs @ a) >= t - 1e-12).double().mean())
+
+
+def test_sign_flip_p_value_is_exact_up_to_its_conservative_grid():
+    g = torch.Generator().manual_seed(3)
+    for trial in range(30):
+        m = 4 + trial % 11
+        d = (torch.randn(m, generator=g, dtype=torch.float64) + 0.6 * (trial % 3)).tolist()
+        if trial % 5 == 0:
+            d[0] = 0.0
+        t = sum(d)
+        ours = sign_flip_neg_log10_p(d)
+        if t <= 0:
+            assert ours == 0.0
+            continue
+        exact = _exact_sign_flip_tail(d, t)
+        slack = m * max(abs(x) for x in d) / 1000  # the grid may lower the threshold by at most Mδ (conservative)
+        assert 10 ** -ours >= exact * (1 - 1e-9), (d, ours, exact)
+        assert 10 ** -ours <= _exact_sign_flip_tail(d, t - slack) * (1 + 1e-9), (d, ours)
+    assert sign_flip_neg_log10_p([1.0] * 48) == pytest.approx(48 * math.log10(2))  # every sign right: p = 2^-48
+
+
+def test_recovery_matches_explicit_pseudo_inverses_for_mixed_suspects(owner):
+    """Factors of the release's rank, of a padded rank, merged ΔW, and missing modules in one suspect: the batched
+    Gram-matrix recovery must equal pinv(B)·ΔŴ·pinv(A)/s formed explicitly, and the reconstruction error ‖ΔŴ − sBCA‖."""
+    key = owner["key"]
+    release = read_lora(owner["kohya"]).by_module(key.modules)
+    names = list(key.modules)
+    g = torch.Generator().manual_seed(5)
+    factors, deltas = {}, {}
+    for i, n in enumerate(names):
+        down, up = release[n]
+        if i % 4 == 0:  # a noisy copy, as factors
+            factors[n] = (down + 0.01 * torch.randn(down.shape, generator=g), up)
+        elif i % 4 == 1:  # padded with two junk directions: rank r + 2
+            factors[n] = (torch.cat([down, torch.randn(2, down.shape[1], generator=g)]),
+                          torch.cat([up, 0.001 * torch.randn(up.shape[0], 2, generator=g)], 1))
+        elif i % 4 == 2:  # a merged model's ΔW
+            deltas[n] = up @ down + 1e-3 * torch.randn(up.shape[0], down.shape[1], generator=g)
+        # i % 4 == 3: missing
+    suspect = Suspect("mixed", "test", factors=factors, deltas=deltas)
+    rep = verify(key, suspect)
+    recovered = recover_passports(key, suspect)
+    assert list(recovered) == [n for n in names if n in factors or n in deltas]  # key order
+    assert rep.n_modules == len(recovered) and rep.n_modules_missing == len(names) // 4
+    num = den = 0.0
+    for n, c_hat in recovered.items():
+        mk = key.modules[n]
+        b, a = mk.lora_B.double(), mk.lora_A.double()
+        dw = deltas[n].double() if n in deltas else factors[n][1].double() @ factors[n][0].double()
+        expect = torch.linalg.pinv(b) @ dw @ torch.linalg.pinv(a) / key.scale
+        assert torch.allclose(c_hat, expect, rtol=1e-6, atol=1e-8 * float(expect.abs().max())), n
+        release_dw = key.scale * b @ mk.passport.double() @ a
+        num += float((dw - release_dw).pow(2).sum())
+        den += float(release_dw.pow(2).sum())
+    assert rep.reconstruction_error == pytest.approx(math.sqrt(num / den), rel=1e-6)
+
+
+def test_prepared_key_is_reused_and_swaps_passports_exactly(owner):
+    key = owner["key"]
+    suspect = _suspect(read_lora(owner["kohya"]), key)
+    prepared = prepare(key)
+    assert prepare(prepared) is prepared
+    decoy = make_passports(list(key.modules), RANK, "another claim")
+    dkey = SealKey({n: ModuleKey(mk.lora_A, mk.lora_B, *decoy[n]) for n, mk in key.modules.items()}, key.rank, key.alpha)
+    for statistic in ("contrast", "correlation"):
+        fresh, reused = verify(dkey, suspect, statistic=statistic), verify(prepared.with_passports(dkey), suspect,
+                                                                            statistic=statistic)
+        assert reused.neg_log10_p == fresh.neg_log10_p and reused.z == fresh.z
+        assert reused.reconstruction_error == pytest.approx(fresh.reconstruction_error, rel=1e-12)
+    assert verify(prepared, suspect).detected and not verify(prepared.with_passports(dkey), suspect).detected
 
 
 def test_copy_is_detected_and_passport_recovered_exactly(owner):
