@@ -19,10 +19,12 @@ from pathlib import Path
 
 from .errors import UserError
 
-DEMO_STEPS = 100
+DEMO_STEPS = 60
 DEMO_RANK = 4
 DEMO_LR = {"seal": 3e-3, "lora": 3e-3}  # the tiny random model needs a bolder step than SD 1.5's 1e-5 / 5e-5
 DEMO_PROMPTS = ["a photo of sks cat", "a sks cat wearing a santa hat"]
+DEMO_SEEDS = (0,)  # one image per prompt and variant: the compare step is the demo's second-largest cost
+HELDOUT_TIMESTEPS = 4  # timesteps of the held-out loss (fixed noise): 4 spread over the schedule separate C/C_p from ∅
 PRUNE_RATIO = 0.9
 
 
@@ -40,7 +42,8 @@ def _train(out: Path, subject: Path, method: str, seed: int, steps: int, rank: i
 
 
 def run_demo(out_dir: str | os.PathLike = "demo-out", *, steps: int = DEMO_STEPS, rank: int = DEMO_RANK,
-             compare_steps: int = 10, progress=print) -> dict:
+             compare_steps: int = 10, compare_seeds: tuple[int, ...] = DEMO_SEEDS,
+             heldout_timesteps: int = HELDOUT_TIMESTEPS, progress=print) -> dict:
     """Run the demo into ``out_dir``; returns the numbers of the summary."""
     from . import attacks
     from .compare import compare
@@ -90,11 +93,12 @@ def run_demo(out_dir: str | os.PathLike = "demo-out", *, steps: int = DEMO_STEPS
     pipe = seal["pipeline"]
     net = seal["network"]
     latents, ehs = heldout_batch(pipe, subject, "a photo of sks cat")
-    losses = {m: heldout_denoising_loss(pipe.unet, net, latents, ehs, m) for m in ("C", "C_p", "identity", "off")}
+    losses = {m: heldout_denoising_loss(pipe.unet, net, latents, ehs, m, n_timesteps=heldout_timesteps)
+              for m in ("C", "C_p", "identity", "off")}
     net.remove()
 
     say("[5/5] comparing images with and without passports")
-    cmp = compare(key, pipe, DEMO_PROMPTS, [0, 1], out / "compare", steps=compare_steps, show_progress=False)
+    cmp = compare(key, pipe, DEMO_PROMPTS, list(compare_seeds), out / "compare", steps=compare_steps, show_progress=False)
     spectra = plot_spectra({"plain LoRA (innocent)": read_lora(innocent["lora_path"]).entries,
                             "SEAL release": release.entries}, out / "spectra.png")
     result = dict(rows=rows, losses=losses, pairs=cmp["pairs"], seconds=time.time() - t0,
