@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from .cpu import short_openmp_spin
+from .demo import DEMO_STEPS
 from .errors import UserError
 
 
@@ -171,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job on the embedded default: train, export, verify, attack, compare")
     p.add_argument("--out", default="demo-out", help="output folder (summary.md, images, key, LoRAs)")
-    p.add_argument("--steps", type=int, default=100, help="training steps of each LoRA (default 100)")
+    p.add_argument("--steps", type=int, default=DEMO_STEPS,
+                   help=f"training steps of each LoRA (default {DEMO_STEPS}; more makes the passports' effect clearer)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("tiny-model", help="write the embedded default model as a diffusers folder")
