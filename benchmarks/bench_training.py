@@ -153,7 +153,8 @@ def main(argv=None) -> int:
             label = f"one adapted Linear {d_in}→{d_out}, {tokens} tokens, {'bf16 autocast' if bf16 else 'fp32'}, fwd+bwd"
             print(f"\n[micro] {label} …", flush=True)
             wall, cpu = micro_layer(d_in, d_out, tokens, args.rank, bf16, args.micro_reps)
-            note = "r = in: the r×r product costs as much as A·x (inherent)" if d_in <= args.rank else ""
+            note = ("tiny layer: the few extra small ops (C·A, its backward) weigh against a 32-wide matmul"
+                    if d_in <= args.rank else "")
             rows.append(C.timing_row(f"{label} (wall)", wall["seal"], wall["lora"], None, note))
             rows.append(C.timing_row(f"{label} (CPU)", cpu["seal"], cpu["lora"], None))
 

@@ -85,6 +85,27 @@ def read_prompts(path: str | os.PathLike, subject: str = DEFAULT_SUBJECT) -> lis
 
 
 # -- generation --------------------------------------------------------------------------------------------------------
+class _Ticker:
+    """A tqdm bar (the CLI) and an optional ``progress(done, total, text)`` callback (the app), advanced together."""
+
+    def __init__(self, total: int, desc: str, show: bool, callback: Callable | None,
+                 label: Callable[[str, int, int], str] = lambda what, done, total: what, unit: str = "it"):
+        from tqdm.auto import tqdm
+
+        self.total, self.done, self.callback, self.label = total, 0, callback, label
+        self.bar = tqdm(total=total, desc=desc, unit=unit, disable=not show)
+
+    def __call__(self, n: int, what: str) -> None:
+        self.done += n
+        self.bar.update(n)
+        self.bar.set_postfix_str(what)
+        if self.callback:
+            self.callback(self.done, self.total, self.label(what, self.done, self.total))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def default_size(pipe) -> int:
     """The model's native image size: UNet sample size × VAE scale factor (512 for SD 1.5, 64 for tiny)."""
     return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
@@ -292,7 +313,6 @@ def compare(
     ``clip_model`` / ``dino_model`` (folder or hub id) add CLIP-T, and with ``real_images`` CLIP-I and DINO, per
     variant. Returns the dict written to ``compare.json``.
     """
-    from tqdm.auto import tqdm
 
     from .base_model import load_pipeline
     from .keyfile import SealKey
@@ -329,23 +349,14 @@ def compare(
     (out / "images").mkdir(parents=True, exist_ok=True)
     jobs = [(p, s) for p in prompts for s in seeds]
     total = len(jobs) * len(variants)
-    bar = tqdm(total=total, desc="compare", unit="img", disable=not show_progress)
-    done = 0
-
-    def tick(n: int, what: str) -> None:
-        nonlocal done
-        done += n
-        bar.update(n)
-        bar.set_postfix_str(what)
-        if progress:
-            progress(done, total, f"{VARIANT_LABELS[what]}: {done}/{total} images")
-
+    tick = _Ticker(total, "compare", show_progress, progress, lambda what, done, total:
+                   f"{VARIANT_LABELS[what]}: {done}/{total} images", unit="img")
     t0 = time.time()
     try:
         images = render_variants(pipe, key, jobs, variants, steps=steps, guidance_scale=guidance_scale,
                                  height=height, width=width, batch_size=batch_size, tick=tick)
     finally:
-        bar.close()
+        tick.close()
     seconds = time.time() - t0
 
     paths: dict[str, list[str]] = {}
@@ -443,8 +454,6 @@ def sigma_sweep(
     2 prompts × 2 seeds of 10 steps with CFG 7.5: 5 σ in ~5.5 min wall (3.5 min CPU) on 2 shared, busy CPU cores,
     ~1 min per σ. Writes ``sigma_sweep.md``, ``sigma_sweep.json``, ``sigma_sweep.png``.
     """
-    from tqdm.auto import tqdm
-
     from . import plots
     from .base_model import load_pipeline
     from .keyfile import SealKey
@@ -468,16 +477,7 @@ def sigma_sweep(
     size = default_size(pipe)
     gen = dict(steps=steps, guidance_scale=guidance_scale, height=size, width=size)
     total = len(sigmas) * (train_steps + 2 * len(jobs)) + len(jobs)
-    bar = tqdm(total=total, desc="sigma sweep", disable=not show_progress)
-    done = 0
-
-    def tick(n: int, what: str) -> None:
-        nonlocal done
-        done += n
-        bar.update(n)
-        bar.set_postfix_str(what)
-        if progress:
-            progress(done, total, what)
+    tick = _Ticker(total, "sigma sweep", show_progress, progress)
 
     rows = []
     t0 = time.time()
@@ -509,7 +509,7 @@ def sigma_sweep(
                 "final_loss": res.get("final_loss"), "seconds": time.time() - t_run, "key": res["key_path"],
             })
     finally:
-        bar.close()
+        tick.close()
 
     settings = {"base": str(base), "rank": rank, "train_steps": train_steps, "learning_rate": learning_rate,
                 "train_batch_size": train_batch_size, "seed": seed, "inference_steps": steps, "guidance_scale": guidance_scale, "size": size,

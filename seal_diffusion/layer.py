@@ -2,9 +2,11 @@
 
     y = W x + (α/r) · B · C_t · A · dropout(x)
 
-computed right to left, ``B @ (C_t @ (A @ x))``, so ΔW (out × in) is never materialised: the passport costs one extra
-r×r product per token (~r/in of the LoRA cost, ~0.1 % of the layer). A is kaiming-uniform, B zero; only A and B are
-parameters. C and C_p are *non-persistent* buffers: they move with ``.to()`` but never enter a ``state_dict``.
+computed as ``B @ ((s·C_t·A) @ x)`` with s = α/r: the passport and the scale are folded into A on every call (an
+r×r by r×in product, weight-sized, independent of the number of tokens), then x goes through two thin matmuls exactly
+as in plain LoRA. ΔW (out × in) is never materialised and the per-token cost is that of LoRA; autograd carries the
+gradient back through C_t to A. A is kaiming-uniform, B zero; only A and B are parameters. C and C_p are
+*non-persistent* buffers: they move with ``.to()`` but never enter a ``state_dict``.
 
 The layer replaces the wrapped module's ``forward`` (an instance attribute, kohya style) instead of replacing the
 module, so the UNet keeps its exact structure and ``state_dict``, and unpatching deletes the attribute to restore
@@ -96,6 +98,11 @@ class SealLoRALayer(nn.Module):
             return self.passport_p
         return None
 
+    def _down(self, c: torch.Tensor | None) -> torch.Tensor:
+        """The effective down projection s·C·A (r × in); s·A without a passport. Weight-sized, computed per call."""
+        a = self.lora_A if c is None else c @ self.lora_A
+        return a if self.scale == 1.0 else a * self.scale
+
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         """(α/r)·B·C_t·A·dropout(x) for the current mode (not including W x)."""
         x = self.dropout(x)
@@ -103,17 +110,14 @@ class SealLoRALayer(nn.Module):
             # under autocast F.linear casts x itself; a .to(float32) first would only add two full-size copies of x
             # (forward and backward) and round-trip back to the same low-precision values
             x = x.to(self.lora_A.dtype)
-        h = F.linear(x, self.lora_A)
         if self.mode == "split":
             k = self.split
-            if not 0 <= k <= h.shape[0]:
-                raise ValueError(f"{self.name}: split {k} outside the batch of {h.shape[0]}")
-            h = torch.cat([F.linear(h[:k], self.passport), F.linear(h[k:], self.passport_p)], dim=0)
+            if not 0 <= k <= x.shape[0]:
+                raise ValueError(f"{self.name}: split {k} outside the batch of {x.shape[0]}")
+            h = torch.cat([F.linear(x[:k], self._down(self.passport)), F.linear(x[k:], self._down(self.passport_p))])
         else:
-            c = self._passport_for(self.mode)
-            if c is not None:
-                h = F.linear(h, c)
-        return F.linear(h * self.scale, self.lora_B)
+            h = F.linear(x, self._down(self._passport_for(self.mode)))
+        return F.linear(h, self.lora_B)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self._base_forward(x, *args, **kwargs)

@@ -225,16 +225,17 @@ def _batches(items: Sequence, size: int):
         yield items[i:i + size]
 
 
-class ClipScorer:
-    """A CLIP model (``CLIPModel`` + ``CLIPProcessor``) giving L2-normalised image and text embeddings."""
+class _ImageScorer:
+    """A transformers model and its processor from ``source`` (local folder or hub id), embedding images in batches."""
+
+    what = option = example = ""
 
     def __init__(self, source, *, device: str | torch.device = "cpu", batch_size: int = 32):
-        from transformers import CLIPModel, CLIPProcessor
-
-        src = _check_source(source, "CLIP", "--clip_model", "openai/clip-vit-base-patch32")
+        model_cls, processor_cls = self._classes()
+        src = _check_source(source, self.what, self.option, self.example)
         self.source = src
-        self.model = _load(CLIPModel.from_pretrained, src, "--clip_model", "CLIP").eval().to(device)
-        self.processor = _load(CLIPProcessor.from_pretrained, src, "--clip_model", "CLIP processor")
+        self.model = _load(model_cls.from_pretrained, src, self.option, self.what).eval().to(device)
+        self.processor = _load(processor_cls.from_pretrained, src, self.option, f"{self.what} processor")
         self.device = torch.device(device)
         self.batch_size = batch_size
 
@@ -244,8 +245,23 @@ class ClipScorer:
         out = []
         for chunk in _batches(pils, self.batch_size):
             pixels = self.processor(images=chunk, return_tensors="pt")["pixel_values"].to(self.device)
-            out.append(_features(self.model.get_image_features(pixel_values=pixels)).float().cpu())
+            out.append(self._image_features(pixels).float().cpu())
         return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+
+
+class ClipScorer(_ImageScorer):
+    """A CLIP model (``CLIPModel`` + ``CLIPProcessor``) giving L2-normalised image and text embeddings."""
+
+    what, option, example = "CLIP", "--clip_model", "openai/clip-vit-base-patch32"
+
+    @staticmethod
+    def _classes():
+        from transformers import CLIPModel, CLIPProcessor
+
+        return CLIPModel, CLIPProcessor
+
+    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return _features(self.model.get_image_features(pixel_values=pixels))
 
     @torch.no_grad()
     def text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
@@ -258,27 +274,19 @@ class ClipScorer:
         return torch.nn.functional.normalize(torch.cat(out), dim=-1)
 
 
-class DinoScorer:
+class DinoScorer(_ImageScorer):
     """A self-supervised ViT (DINO ``ViTModel`` or ``Dinov2Model``); the embedding is the normalised CLS token."""
 
-    def __init__(self, source, *, device: str | torch.device = "cpu", batch_size: int = 32):
+    what, option, example = "DINO", "--dino_model", "facebook/dino-vits16"
+
+    @staticmethod
+    def _classes():
         from transformers import AutoImageProcessor, AutoModel
 
-        src = _check_source(source, "DINO", "--dino_model", "facebook/dino-vits16")
-        self.source = src
-        self.model = _load(AutoModel.from_pretrained, src, "--dino_model", "DINO").eval().to(device)
-        self.processor = _load(AutoImageProcessor.from_pretrained, src, "--dino_model", "DINO image processor")
-        self.device = torch.device(device)
-        self.batch_size = batch_size
+        return AutoModel, AutoImageProcessor
 
-    @torch.no_grad()
-    def image_embeddings(self, images) -> torch.Tensor:
-        pils = [to_pil(x) for x in _as_list(images)]
-        out = []
-        for chunk in _batches(pils, self.batch_size):
-            pixels = self.processor(images=chunk, return_tensors="pt")["pixel_values"].to(self.device)
-            out.append(self.model(pixel_values=pixels).last_hidden_state[:, 0].float().cpu())
-        return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixels).last_hidden_state[:, 0]
 
 
 def _as_list(images) -> list:

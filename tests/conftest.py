@@ -43,3 +43,19 @@ def subject_dir(tmp_path_factory):
     from seal_diffusion.subject import write_subject
 
     return write_subject(tmp_path_factory.mktemp("subject"))
+
+
+@pytest.fixture(scope="session")
+def owner_training(tmp_path_factory, subject_dir):
+    """One small SEAL DreamBooth run on the tiny model (rank 4, 60 steps, fixed seed and secret), shared by the claim
+    and robustness tests. Returns the trainer's result with its network removed: ``pipeline`` is the clean base."""
+    from seal_diffusion.training import parse_args, train
+
+    out = tmp_path_factory.mktemp("owner")
+    args = parse_args(["--pretrained_model_name_or_path", "tiny", "--instance_data_dir", str(subject_dir),
+                       "--instance_prompt", "a photo of sks cat", "--output_dir", str(out), "--output_name", "cat",
+                       "--rank", "4", "--max_train_steps", "60", "--learning_rate", "2e-3", "--seed", "0",
+                       "--cache_latents", "--secret", "claim test"])
+    result = train(args)
+    result["network"].remove()
+    return result

@@ -9,16 +9,9 @@ from seal_diffusion.training import parse_args, train
 
 
 @pytest.fixture(scope="module")
-def owner_run(tmp_path_factory, subject_dir):
-    out = tmp_path_factory.mktemp("claim")
-    args = parse_args(["--pretrained_model_name_or_path", "tiny", "--instance_data_dir", str(subject_dir),
-                       "--instance_prompt", "a photo of sks cat", "--output_dir", str(out), "--output_name", "cat",
-                       "--rank", "4", "--max_train_steps", "60", "--learning_rate", "2e-3", "--seed", "0",
-                       "--cache_latents", "--secret", "claim test"])
-    result = train(args)
-    result["network"].remove()
-    return dict(key=SealKey.load(result["key_path"]), lora=result["lora_path"], base=result["pipeline"],
-                data=subject_dir)
+def owner_run(owner_training, subject_dir):
+    return dict(key=SealKey.load(owner_training["key_path"]), lora=owner_training["lora_path"],
+                base=owner_training["pipeline"], data=subject_dir)
 
 
 def _check(run, key, **kw):

@@ -17,19 +17,11 @@ from seal_diffusion.robustness import (
     run_robustness,
     weighted_neg_log10_p,
 )
-from seal_diffusion.training import parse_args, train
 
 
 @pytest.fixture(scope="module")
-def owner_run(tmp_path_factory, subject_dir):
-    out = tmp_path_factory.mktemp("robust-owner")
-    args = parse_args(["--pretrained_model_name_or_path", "tiny", "--instance_data_dir", str(subject_dir),
-                       "--instance_prompt", "a photo of sks cat", "--output_dir", str(out), "--output_name", "cat",
-                       "--rank", "4", "--max_train_steps", "60", "--learning_rate", "2e-3", "--seed", "0",
-                       "--cache_latents", "--secret", "robustness test"])
-    result = train(args)
-    result["network"].remove()
-    return dict(key=result["key_path"], lora=result["lora_path"], data=subject_dir)
+def owner_run(owner_training, subject_dir):
+    return dict(key=owner_training["key_path"], lora=owner_training["lora_path"], data=subject_dir)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +38,7 @@ def _row(report, attack):
 
 
 def test_files_and_progress(quick_report):
-    out, report = quick_report["out"], quick_report["report"]
+    out = quick_report["out"]
     for name in ("report.md", "report.json", "attacks.png", "pruning.png", "finetune.png", "gamma.png",
                  "innocents.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name

@@ -353,8 +353,9 @@ class Handlers:
         gallery = []
         for i in range(result["n_images"]):
             prompt, seed = prompt_list[i // len(seed_list)], seed_list[i % len(seed_list)]
+            which = "" if result["n_images"] == 1 else f" · {prompt} · seed {seed}"  # several rows: say which
             for v in result["variants"]:
-                gallery.append((result["images"][v][i], SHORT_LABELS.get(v, VARIANT_LABELS[v])))
+                gallery.append((result["images"][v][i], SHORT_LABELS.get(v, VARIANT_LABELS[v]) + which))
         table = []
         for p in result["pairs"]:
             ssim = "identical" if math.isinf(p["psnr_mean"]) else f"{p['ssim_mean']:.4f}"
