@@ -4,8 +4,8 @@ Per module m, with the owner's raw factors B (out×r), A (r×in) and scale s = �
 
     Ĉ_m = pinv(B) · ΔŴ_m · pinv(A) / s
 
-For a LoRA suspect (down D, up U; ΔŴ = U·D) this is computed as (pinv(B)·U)·(D·pinv(A)) — only r×r' and r'×r
-products, ΔW is never formed. For a merged model, ΔŴ = W_suspect − W_base. Any product-preserving re-factorisation of
+For a LoRA suspect (down D, up U; ΔŴ = U·D) this is computed as pinv(BᵀB)·(BᵀU)·(DAᵀ)·pinv(AAᵀ) / s — only r×r'
+and r'×r products and r×r pseudo-inverses (:class:`PreparedKey`), ΔW is never formed. For a merged model, ΔŴ = W_suspect − W_base. Any product-preserving re-factorisation of
 the release (rescale, permute, mix, pad, SVD) leaves Ĉ unchanged.
 
 **The statistic (default: ``contrast``, an exact sign-flip test).** Training uses two random passports; only after
