@@ -15,9 +15,11 @@ tensors prepared beforehand (identical for every method), so the step times the 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import gc
+import json
 
 import torch
 import torch.nn.functional as F
@@ -171,3 +173,38 @@ def memory_worker(config: str, method: str, rank: int, steps: int) -> dict:
 
 def copy_unet(unet):
     return copy.deepcopy(unet)
+
+
+# -- the command line both step benchmarks share ----------------------------------------------------------------------
+def step_bench_parser(description: str, sd15_res_default: list[str], sd15_res_help: str) -> argparse.ArgumentParser:
+    """Options of bench_training.py and bench_vs_peft.py: configs, rank, repetitions, memory, JSON, worker mode."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny default model only")
+    p.add_argument("--sd15", action="store_true", help="also the real SD 1.5 architecture (random weights)")
+    p.add_argument("--sd15-res", nargs="+", default=sd15_res_default, choices=["256", "512"], help=sd15_res_help)
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--reps", type=int, default=None, help="timed steps per method (default 12 tiny, 3 SD 1.5)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--no-memory", action="store_true", help="skip the per-process peak-memory measurement")
+    p.add_argument("--json", metavar="OUT", help="write results as JSON")
+    p.add_argument("--_worker", nargs=4, metavar=("CONFIG", "METHOD", "RANK", "STEPS"), help=argparse.SUPPRESS)
+    return p
+
+
+def start(args) -> tuple[dict, list[str]] | None:
+    """Worker mode (``--_worker``): run :func:`memory_worker`, print its JSON and return None. Otherwise print the
+    machine and return (machine info, the configs to run)."""
+    import _common as C
+
+    if args._worker:
+        config, method, rank, steps = args._worker
+        print(json.dumps(memory_worker(config, method, int(rank), int(steps))))
+        return None
+    info = C.machine_info()
+    C.print_machine(info)
+    configs = ["tiny"] + ([f"sd15-{r}" for r in args.sd15_res] if args.sd15 and not args.quick else [])
+    return info, configs
+
+
+def reps_for(args, config: str) -> int:
+    return args.reps or (12 if config == "tiny" else 3)

@@ -13,9 +13,7 @@ adapter are built, so the peak covers exactly the training steps (see README.md 
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import sys
 
 import _common as C
@@ -94,39 +92,22 @@ def micro_layer(d_in: int, d_out: int, tokens: int, rank: int, bf16: bool, reps:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny default model only")
-    p.add_argument("--sd15", action="store_true", help="also the real SD 1.5 architecture (random weights)")
-    p.add_argument("--sd15-res", nargs="+", default=["256", "512"], choices=["256", "512"],
-                   help="SD 1.5 pixel resolutions to run (default both)")
-    p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--reps", type=int, default=None, help="timed steps per method (default 20 tiny, 3 SD 1.5)")
-    p.add_argument("--warmup", type=int, default=1)
+    p = H.step_bench_parser(__doc__, ["256", "512"], "SD 1.5 pixel resolutions to run (default both)")
     p.add_argument("--mem-steps", type=int, default=1, help="steps after the first in each memory process (SD 1.5)")
-    p.add_argument("--no-memory", action="store_true", help="skip the per-process peak-memory measurement")
     p.add_argument("--no-micro", action="store_true", help="skip the single-layer micro-benchmark")
     p.add_argument("--micro-reps", type=int, default=200, help="reps per method of the single-layer benchmark")
-    p.add_argument("--json", metavar="OUT", help="write results as JSON")
-    p.add_argument("--_worker", nargs=4, metavar=("CONFIG", "METHOD", "RANK", "STEPS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-
-    if args._worker:
-        config, method, rank, steps = args._worker
-        print(json.dumps(H.memory_worker(config, method, int(rank), int(steps))))
+    started = H.start(args)
+    if started is None:
         return 0
-
-    info = C.machine_info()
-    C.print_machine(info)
-    configs = ["tiny"]
-    if args.sd15 and not args.quick:
-        configs += [f"sd15-{r}" for r in args.sd15_res]
+    info, configs = started
     rows: list[C.Row] = []
     extra: dict = {"configs": {}}
 
     sd15_unet = None
     for config in configs:
         cfg = H.CONFIGS[config]
-        reps = args.reps or (12 if config == "tiny" else 3)
+        reps = H.reps_for(args, config)
         print(f"\n[{config}] {cfg['label']}, rank {args.rank}: timing {args.warmup} warm-up + {reps} steps per method, "
               "interleaved …", flush=True)
         unet = None

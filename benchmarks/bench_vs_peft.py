@@ -12,9 +12,7 @@ SEAL is timed against PEFT too, as information.
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import sys
 
 import _common as C
@@ -57,35 +55,19 @@ def time_config(config: str, rank: int, reps: int, warmup: int, with_seal: bool)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny default model only")
-    p.add_argument("--sd15", action="store_true", help="also the real SD 1.5 architecture (random weights)")
-    p.add_argument("--sd15-res", nargs="+", default=["256"], choices=["256", "512"],
-                   help="SD 1.5 pixel resolutions (default 256; 512 takes ~6–9 s per step per method)")
+    p = H.step_bench_parser(__doc__, ["256"], "SD 1.5 pixel resolutions (default 256; 512 takes ~6–9 s per step per "
+                            "method)")
     p.add_argument("--with-seal", action="store_true", help="time SEAL against PEFT on SD 1.5 too")
-    p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--reps", type=int, default=None, help="timed steps per method (default 12 tiny, 3 SD 1.5)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--no-memory", action="store_true", help="skip the per-process peak-memory measurement")
-    p.add_argument("--json", metavar="OUT", help="write results as JSON")
-    p.add_argument("--_worker", nargs=4, metavar=("CONFIG", "METHOD", "RANK", "STEPS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-
-    if args._worker:
-        config, method, rank, steps = args._worker
-        print(json.dumps(H.memory_worker(config, method, int(rank), int(steps))))
+    started = H.start(args)
+    if started is None:
         return 0
-
-    info = C.machine_info()
-    C.print_machine(info)
-    configs = ["tiny"]
-    if args.sd15 and not args.quick:
-        configs += [f"sd15-{r}" for r in args.sd15_res]
+    info, configs = started
     rows: list[C.Row] = []
     extra: dict = {"configs": {}}
     for config in configs:
         cfg = H.CONFIGS[config]
-        reps = args.reps or (12 if config == "tiny" else 3)
+        reps = H.reps_for(args, config)
         with_seal = config == "tiny" or args.with_seal
         print(f"\n[{config}] {cfg['label']}, rank {args.rank}: {args.warmup} warm-up + {reps} steps per method, "
               "interleaved …", flush=True)
