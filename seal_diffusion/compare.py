@@ -313,7 +313,6 @@ def compare(
     ``clip_model`` / ``dino_model`` (folder or hub id) add CLIP-T, and with ``real_images`` CLIP-I and DINO, per
     variant. Returns the dict written to ``compare.json``.
     """
-
     from .base_model import load_pipeline
     from .keyfile import SealKey
 

@@ -98,7 +98,8 @@ def run_demo(out_dir: str | os.PathLike = "demo-out", *, steps: int = DEMO_STEPS
     net.remove()
 
     say("[5/5] comparing images with and without passports")
-    cmp = compare(key, pipe, DEMO_PROMPTS, list(compare_seeds), out / "compare", steps=compare_steps, show_progress=False)
+    cmp = compare(key, pipe, DEMO_PROMPTS, list(compare_seeds), out / "compare", steps=compare_steps,
+                  show_progress=False)
     spectra = plot_spectra({"plain LoRA (innocent)": read_lora(innocent["lora_path"]).entries,
                             "SEAL release": release.entries}, out / "spectra.png")
     result = dict(rows=rows, losses=losses, pairs=cmp["pairs"], seconds=time.time() - t0,

@@ -1,7 +1,7 @@
 """Scan many files against one or many keys: a marketplace-style sweep with a table of verdicts.
 
-Each key's algebra (pseudo-inverses, norms) is computed once; each file is read once and tested against every key. Unreadable files
-get an error row and the scan goes on.
+Each key's algebra (pseudo-inverses, norms) is computed once; each file is read once and tested against every key.
+Unreadable files get an error row and the scan goes on.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ Per module m, with the owner's raw factors B (out×r), A (r×in) and scale s = �
     Ĉ_m = pinv(B) · ΔŴ_m · pinv(A) / s
 
 For a LoRA suspect (down D, up U; ΔŴ = U·D) this is computed as pinv(BᵀB)·(BᵀU)·(DAᵀ)·pinv(AAᵀ) / s — only r×r'
-and r'×r products and r×r pseudo-inverses (:class:`PreparedKey`), ΔW is never formed. For a merged model, ΔŴ = W_suspect − W_base. Any product-preserving re-factorisation of
-the release (rescale, permute, mix, pad, SVD) leaves Ĉ unchanged.
+and r'×r products and r×r pseudo-inverses (:class:`PreparedKey`), ΔW is never formed. For a merged model,
+ΔŴ = W_suspect − W_base. Any product-preserving re-factorisation of the release (rescale, permute, mix, pad, SVD)
+leaves Ĉ unchanged.
 
 **The statistic (default: ``contrast``, an exact sign-flip test).** Training uses two random passports; only after
 training does a secret per-module coin decide which one is released as C (the other is kept as C_p,
@@ -178,11 +179,20 @@ def _recover(prep: PreparedKey, suspect: Suspect) -> tuple[dict[str, torch.Tenso
     num = den = 0.0
     s = prep.scale
     for shape, names in prep.groups.items():
+        out_f, in_f = shape
         batches: dict[object, list[int]] = {}
         for i, n in enumerate(names):
             if n in suspect.factors:
-                batches.setdefault(suspect.factors[n][0].shape[0], []).append(i)
+                down, up = suspect.factors[n]
+                if down.dim() != 2 or up.dim() != 2 or down.shape[1] != in_f or up.shape[0] != out_f \
+                        or up.shape[1] != down.shape[0]:
+                    raise UserError(f"{suspect.path}: {n} has down {tuple(down.shape)} and up {tuple(up.shape)}, "
+                                    f"but the key's layer is {in_f}→{out_f} (another base model?)")
+                batches.setdefault(down.shape[0], []).append(i)
             elif n in suspect.deltas:
+                if tuple(suspect.deltas[n].shape) != (out_f, in_f):
+                    raise UserError(f"{suspect.path}: {n} has shape {tuple(suspect.deltas[n].shape)}, "
+                                    f"the key's layer is {(out_f, in_f)}")
                 batches.setdefault("delta", []).append(i)
         for kind, idx in batches.items():
             pick = (lambda t: t) if len(idx) == len(names) else (lambda t: t[idx])  # indexing would copy
@@ -210,10 +220,6 @@ def recover_passports(key: SealKey | PreparedKey, suspect: Suspect) -> dict[str,
     """Ĉ = pinv(B)·ΔŴ·pinv(A) / s for every module of the key that the suspect holds (float64)."""
     return _recover(prepare(key), suspect)[0]
 
-
-def _reconstruction_error(key: SealKey | PreparedKey, suspect: Suspect) -> float | None:
-    """‖ΔŴ − s·B·C·A‖ / ‖s·B·C·A‖ over all shared modules (r×r traces; no ΔW formed for LoRA suspects)."""
-    return _recover(prepare(key), suspect)[1]
 
 
 def passport_std(key: SealKey) -> float:
@@ -295,8 +301,8 @@ def verify(
     zs, n_entries = [], 0
     for name, c_hat in recovered.items():
         norm_hat = float(c_hat.norm())
-        z = float((c_hat * prep.reference(name, statistic)).sum()) / (ref_sigma * norm_hat) if norm_hat > 0 and math.isfinite(norm_hat) \
-            else 0.0
+        ok = norm_hat > 0 and math.isfinite(norm_hat)
+        z = float((c_hat * prep.reference(name, statistic)).sum()) / (ref_sigma * norm_hat) if ok else 0.0
         zs.append(z)
         n_entries += c_hat.numel()
     module_nlp = -norm.logsf(zs) / LN10  # vectorised: one scipy call, not one per module

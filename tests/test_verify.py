@@ -120,13 +120,28 @@ def test_recovery_matches_explicit_pseudo_inverses_for_mixed_suspects(owner):
     assert rep.reconstruction_error == pytest.approx(math.sqrt(num / den), rel=1e-6)
 
 
+def test_suspect_with_wrong_layer_shapes_is_one_clear_error(owner):
+    from seal_diffusion.errors import UserError
+
+    key = owner["key"]
+    factors = read_lora(owner["kohya"]).by_module(key.modules)
+    name = next(iter(factors))
+    down, up = factors[name]
+    factors[name] = (down[:, :1], up)  # a 1-wide input would broadcast silently if not checked
+    with pytest.raises(UserError, match="another base model"):
+        verify(key, Suspect("wrong.safetensors", "kohya", factors=factors))
+    with pytest.raises(UserError, match="the key's layer is"):
+        verify(key, Suspect("wrong", "checkpoint", deltas={name: torch.zeros(3, 3)}))
+
+
 def test_prepared_key_is_reused_and_swaps_passports_exactly(owner):
     key = owner["key"]
     suspect = _suspect(read_lora(owner["kohya"]), key)
     prepared = prepare(key)
     assert prepare(prepared) is prepared
     decoy = make_passports(list(key.modules), RANK, "another claim")
-    dkey = SealKey({n: ModuleKey(mk.lora_A, mk.lora_B, *decoy[n]) for n, mk in key.modules.items()}, key.rank, key.alpha)
+    dkey = SealKey({n: ModuleKey(mk.lora_A, mk.lora_B, *decoy[n]) for n, mk in key.modules.items()},
+                   key.rank, key.alpha)
     for statistic in ("contrast", "correlation"):
         fresh, reused = verify(dkey, suspect, statistic=statistic), verify(prepared.with_passports(dkey), suspect,
                                                                             statistic=statistic)
