@@ -95,7 +95,7 @@ def cmd_verify(args) -> int:
     from .verify import verify_path
 
     report = verify_path(args.key, args.suspect, base=args.base, threshold=args.threshold,
-                         statistic=args.statistic, config=args.config)
+                         statistic=args.statistic, config=args.config, commitment=args.commitment)
     print(report.summary())
     if args.json:
         write_json_atomic(args.json, report.to_json())
@@ -106,15 +106,20 @@ def cmd_scan(args) -> int:
     from tqdm import tqdm
 
     from .fileio import write_json_atomic
-    from .scan import format_table, scan
+    from .scan import CORRECTION, exit_code, format_table, scan
 
     rows, rate = scan(args.key, args.paths, args.threshold, args.statistic,
-                      progress=lambda it: tqdm(it, desc="scanning", unit="file", disable=None))
-    print(format_table(rows))
-    print(f"{len(rows)} verdicts, {rate:.1f} files/s")
+                      progress=lambda it: tqdm(it, desc="scanning", unit="file", disable=None),
+                      combine=args.combine, commitments=args.commitment)
+    print(format_table(rows, args.threshold))
+    checked = bool(args.commitment)
+    print(f"{len(rows)} verdicts, {rate:.1f} files/s; keys " + ("match the published commitments given" if checked
+          else "NOT checked against published commitments (pass --commitment HEX)"))
     if args.json:
-        write_json_atomic(args.json, {"rows": [vars(r) for r in rows], "files_per_s": rate})
-    return 0 if any(r.detected for r in rows) else 1
+        write_json_atomic(args.json, {"rows": [vars(r) for r in rows], "files_per_s": rate, "correction": CORRECTION,
+                                      "n_tests": len(rows), "threshold": args.threshold,
+                                      "commitment_checked": checked})
+    return exit_code(rows)
 
 
 def cmd_attack(args) -> int:
@@ -193,9 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("verify", help="ownership test of a LoRA file/folder or a merged model (exit 0 detected, 1 not)")
+    p = sub.add_parser("verify", help="ownership test of a LoRA file/folder or a merged model (exit 0 detected, 1 not)",
+                       description="Ownership test. Several SUSPECTs are ONE suspect: the files a user loads "
+                       "together (each at strength 1), their weight updates added before the test — this undoes a "
+                       "LoRA split into parts (A = original + R, B = -R). To test files separately, use scan.")
     p.add_argument("--key", required=True, help="the private .sealkey file")
-    p.add_argument("suspect", help="LoRA .safetensors (kohya or diffusers), a diffusers LoRA folder, or a full model")
+    p.add_argument("suspect", nargs="+",
+                   help="LoRA .safetensors in any layout diffusers/ComfyUI/A1111 load, a diffusers LoRA folder, or a "
+                        "full model; several: tested as loaded together (deltas added)")
+    p.add_argument("--commitment", metavar="HEX",
+                   help="the commitment you published with the LoRA: the key is refused unless it matches")
     p.add_argument("--base", help="base model the suspect was merged into (needed for full models)")
     p.add_argument("--config", help="local diffusers folder with the configs, for single-file models offline")
     p.add_argument("--json", help="write the report as JSON here")
@@ -204,11 +216,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pooled statistic (see docs/verification.md)")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("scan", help="verify many files against one or many keys; table of verdicts")
+    p = sub.add_parser("scan", help="verify many files against one or many keys; table of verdicts",
+                       description="Verify every file against every key. Exit 0: every file was checked and at "
+                       "least one detected; 1: none detected; 2: some file could not be checked (unreadable, or none "
+                       "of the key's layers found) or bad input. Verdicts are Holm-corrected for files x keys.")
     p.add_argument("--key", required=True, action="append", help="a .sealkey (repeat for several keys)")
     p.add_argument("paths", nargs="+", help="LoRA files or folders (searched for *.safetensors)")
-    p.add_argument("--threshold", type=float, default=3.3)
-    p.add_argument("--statistic", default="contrast", choices=["contrast", "correlation"])
+    p.add_argument("--threshold", type=float, default=3.3,
+                   help="DETECTED when the Holm-corrected -log10 p >= this (default 3.3, p < 5e-4), corrected for "
+                        "files x keys so the whole scan accuses an innocent file with probability < 10^-threshold")
+    p.add_argument("--statistic", default="contrast", choices=["contrast", "correlation"],
+                   help="contrast (default): exact sign-flip test on <C^, C - C_p>; correlation: the textbook "
+                        "Gaussian test on <C^, C>, over-fires on same-subject LoRAs (see docs/verification.md)")
+    p.add_argument("--combine", action="store_true",
+                   help="also test all the files loaded together (deltas added): catches a LoRA split into parts")
+    p.add_argument("--commitment", action="append", metavar="HEX",
+                   help="a published commitment (repeat for several keys): every key must match one, or the scan "
+                        "is refused")
     p.add_argument("--json", help="write the rows as JSON here")
     p.set_defaults(func=cmd_scan)
 

@@ -574,6 +574,8 @@ def add_compare_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--clip_model", default=None, help="CLIP folder or hub id: adds CLIP-T (and CLIP-I with real images)")
     p.add_argument("--dino_model", default=None, help="DINO ViT folder or hub id: adds DINO (needs --real_images)")
     p.add_argument("--real_images", default=None, help="folder of real subject images for CLIP-I / DINO")
+    p.add_argument("--commitment", default=None, metavar="HEX",
+                   help="the commitment you published: the key is refused unless it matches")
     p.set_defaults(func=cmd_compare)
     return p
 
@@ -584,7 +586,13 @@ def cmd_compare(args) -> int:
         prompts += read_prompts(args.prompts, args.subject)
     if not prompts:
         raise UserError("compare: give --prompt P (repeatable) or --prompts FILE")
-    result = compare(args.key, args.base, prompts, args.seeds, args.out, steps=args.steps,
+    key = args.key
+    if getattr(args, "commitment", None):
+        from .keyfile import SealKey, check_commitment
+
+        key = SealKey.load(args.key)
+        print(f"key matches the published commitment {check_commitment(key, args.commitment)}")
+    result = compare(key, args.base, prompts, args.seeds, args.out, steps=args.steps,
                      guidance_scale=args.guidance_scale, height=args.height, width=args.width,
                      batch_size=args.batch_size, config=args.config, allow_pickle=args.allow_pickle,
                      clip_model=args.clip_model, dino_model=args.dino_model, real_images=args.real_images)

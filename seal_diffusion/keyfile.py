@@ -15,7 +15,9 @@ The file is written atomically, and never over an existing key unless ``force=Tr
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import re
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -148,3 +150,43 @@ class SealKey:
         if key.commitment() != stored_commitment:
             raise UserError(f"{path}: key file commitment does not match its contents (tampered or corrupted)")
         return key
+
+
+def normalise_commitment(published: str, what: str = "--commitment") -> str:
+    """64 lowercase hex digits (``sha256:`` prefix and surrounding space allowed), else :class:`UserError`."""
+    value = published.strip().lower()
+    value = value[len("sha256:"):] if value.startswith("sha256:") else value
+    if not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise UserError(f"{what} {published!r}: expected the 64 hex digits printed by 'seal-diffusion commitment'")
+    return value
+
+
+def check_commitment(key: SealKey, published: str, what: str = "--commitment") -> str:
+    """Refuse ``key`` unless its commitment equals ``published``; returns the normalised hex.
+
+    The hash embedded in a key file only shows the file is intact: whoever edits the tensors can recompute it. A
+    commitment published *before* a dispute (with the LoRA, or timestamped) is what ties a key to its owner.
+    """
+    value = normalise_commitment(published, what)
+    actual = key.commitment()
+    if not hmac.compare_digest(actual, value):
+        raise UserError(f"{what}: the key does not match the published commitment {value[:16]}… (its own is "
+                        f"{actual[:16]}…): this is not the key that was committed to (edited, or another key)")
+    return value
+
+
+def check_commitments(keys: dict[str, SealKey], published: list[str] | None,
+                      what: str = "--commitment") -> dict[str, str | None]:
+    """Several keys: each must match one of the ``published`` commitments. ``{name: commitment or None}``."""
+    if not published:
+        return {name: None for name in keys}
+    values = [normalise_commitment(p, what) for p in published]
+    out = {}
+    for name, key in keys.items():
+        actual = key.commitment()
+        match = next((v for v in values if hmac.compare_digest(actual, v)), None)
+        if match is None:
+            raise UserError(f"{name}: the key matches none of the published commitments given with {what} "
+                            f"(its own is {actual[:16]}…): edited, or not the key that was committed to")
+        out[name] = match
+    return out

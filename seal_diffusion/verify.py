@@ -60,9 +60,11 @@ class Suspect:
     """What was found in a suspect file: LoRA factors ``{module: (down, up)}`` or full deltas ``{module: ΔW}``."""
 
     path: str
-    format: str  # kohya | diffusers | checkpoint
+    format: str  # kohya | diffusers | checkpoint | combined
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     deltas: dict[str, torch.Tensor] = field(default_factory=dict)
+    layout: str = ""  # the key styles and naming seen, e.g. "kohya; LDM names"
+    not_tested: list[str] = field(default_factory=list)  # parts present but not tested
 
     @property
     def modules(self) -> set[str]:
@@ -90,6 +92,12 @@ class VerifyReport:
     reconstruction_error: float | None = None
     z: float = 0.0
     suspect: str = ""
+    suspect_layout: str = ""
+    not_tested: list[str] = field(default_factory=list)
+    max_neg_log10_p: float | None = None  # the floor: the most a file with these modules can reach (contrast)
+    suspect_files: list[str] = field(default_factory=list)
+    commitment_checked: bool = False
+    commitment: str | None = None
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -98,8 +106,22 @@ class VerifyReport:
 
     def summary(self) -> str:
         verdict = "DETECTED: this is a copy of your LoRA" if self.detected else "not detected"
-        return (f"{self.suspect}: {verdict} (−log10 p = {self.neg_log10_p:.1f}, threshold {self.threshold}; "
-                f"{self.n_modules} modules, {self.n_modules_missing} missing)")
+        lines = [f"{self.suspect}: {verdict} (−log10 p = {self.neg_log10_p:.1f}, threshold {self.threshold}; "
+                 f"{self.n_modules} modules, {self.n_modules_missing} missing)"]
+        if self.suspect_layout:
+            lines.append(f"  read as: {self.suspect_layout}")
+        if self.n_modules_missing and self.max_neg_log10_p is not None:
+            lines.append(f"  floor: with {self.n_modules} of the key's {self.n_modules + self.n_modules_missing} "
+                         f"modules the test can reach at most −log10 p = {self.n_modules}·log10 2 = "
+                         f"{self.max_neg_log10_p:.1f}" + ("" if self.max_neg_log10_p >= self.threshold else
+                                                          f" < threshold {self.threshold}: it can never be detected"))
+        if self.not_tested:
+            lines.append("  present but not tested: " + "; ".join(self.not_tested))
+        lines.append("  key " + (f"matches the published commitment {self.commitment}" if self.commitment_checked
+                                 else "NOT checked against a published commitment (pass --commitment HEX): its "
+                                      "embedded hash only shows the file is intact, not that it is the key you "
+                                      "published"))
+        return "\n".join(lines)
 
 
 # -- recovery -----------------------------------------------------------------------------------------------------------
@@ -316,7 +338,11 @@ def verify(
         z_norm = math.sqrt(sum(z * z for z in zs))
         z_all = sum(zs) / z_norm if z_norm > 0 else 0.0
         nlp = sign_flip_neg_log10_p(zs)
+    n = len(zs)
     return VerifyReport(
+        max_neg_log10_p=n * math.log10(2.0) if statistic == "contrast" else None,
+        suspect_layout=suspect.layout,
+        not_tested=list(suspect.not_tested),
         detected=nlp >= threshold,
         neg_log10_p=nlp,
         threshold=threshold,
@@ -361,8 +387,43 @@ def load_suspect(
         if base is None:
             raise UserError(f"{path}: is a full model; pass --base MODEL (the base it was merged into) to verify it")
         return Suspect(str(path), "checkpoint", deltas=merged_deltas(path, base, list(key.modules), config=config))
-    lora = read_lora(path)
-    return Suspect(str(path), lora.layout, factors=lora.by_module(key.modules))
+    return lora_suspect(read_lora(path), key, str(path))
+
+
+def lora_suspect(lora, key: SealKey | PreparedKey, name: str | None = None) -> Suspect:
+    """The :class:`Suspect` of a read :class:`~seal_diffusion.lora_file.LoraFile`: its layers under the key's names."""
+    modules = list(key.key.modules if isinstance(key, PreparedKey) else key.modules)
+    layout = "; ".join(x for x in (lora.dialect, lora.naming()) if x)
+    return Suspect(name or lora.path, lora.layout, factors=lora.by_module(modules),
+                   deltas=lora.deltas_by_module(modules), layout=layout, not_tested=lora.not_tested(modules))
+
+
+def combine_suspects(suspects: list[Suspect]) -> Suspect:
+    """What a frontend runs when all these files are loaded together (each at strength 1): ΔW added per module.
+
+    This is the split-LoRA attack's undoing: file A = release + R and file B = −R each look unrelated to the key, but a
+    user loads both and gets exactly the release. Low-rank parts are stacked (down rows, up columns), so their
+    product is the sum; a module that is a full ΔW in any file is summed as ΔW.
+    """
+    if len(suspects) == 1:
+        return suspects[0]
+    factors: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    deltas: dict[str, torch.Tensor] = {}
+    for s in suspects:
+        for m, pair in s.factors.items():
+            factors.setdefault(m, []).append(pair)
+        for m, d in s.deltas.items():
+            deltas[m] = deltas[m] + d if m in deltas else d.clone()
+    for m in [m for m in factors if m in deltas]:
+        deltas[m] = deltas[m] + sum(u.float() @ d.float() for d, u in factors.pop(m))
+    from .lora_file import _add_factors
+
+    return Suspect(
+        " + ".join(s.path for s in suspects), "combined",
+        factors={m: _add_factors(pairs) for m, pairs in factors.items()}, deltas=deltas,
+        layout=" + ".join(dict.fromkeys(s.layout or s.format for s in suspects)),
+        not_tested=[f"{Path(s.path).name}: {note}" for s in suspects for note in s.not_tested],
+    )
 
 
 def _unet_linear_weights(source: str, modules: list[str], config=None) -> dict[str, torch.Tensor]:
@@ -393,13 +454,29 @@ def merged_deltas(path, base: str, modules: list[str], *, config=None) -> dict[s
 
 def verify_path(
     key: SealKey | str | os.PathLike,
-    suspect_path: str | os.PathLike,
+    suspect_path: str | os.PathLike | list,
     *,
     base: str | None = None,
     threshold: float = DEFAULT_THRESHOLD,
     statistic: str = "contrast",
     config=None,
+    commitment: str | None = None,
 ) -> VerifyReport:
-    """Load key and suspect and verify: the one function CLI, UI and scan call."""
+    """Load key and suspect(s) and verify: the one function CLI, UI and scan call.
+
+    Several suspect paths are one suspect: the files a user loads together, their ΔW added before the test
+    (:func:`combine_suspects`). ``commitment``: the published commitment the key must match (else an error).
+    """
+    from .keyfile import check_commitment
+
     key = key if isinstance(key, SealKey) else SealKey.load(key)
-    return verify(key, load_suspect(suspect_path, key, base, config=config), threshold, statistic)
+    if commitment is not None:
+        commitment = check_commitment(key, commitment)
+    paths = [suspect_path] if isinstance(suspect_path, (str, os.PathLike)) else list(suspect_path)
+    if not paths:
+        raise UserError("verify: no suspect file given")
+    suspect = combine_suspects([load_suspect(p, key, base, config=config) for p in paths])
+    report = verify(key, suspect, threshold, statistic)
+    report.suspect_files = [str(p) for p in paths]
+    report.commitment_checked, report.commitment = commitment is not None, commitment
+    return report
