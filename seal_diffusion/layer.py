@@ -5,7 +5,8 @@
 computed as ``B @ ((s·C_t·A) @ x)`` with s = α/r: the passport and the scale are folded into A on every call (an
 r×r by r×in product, weight-sized, independent of the number of tokens), then x goes through two thin matmuls exactly
 as in plain LoRA. ΔW (out × in) is never materialised and the per-token cost is that of LoRA; autograd carries the
-gradient back through C_t to A. A is kaiming-uniform, B zero; only A and B are parameters. C and C_p are
+gradient back through C_t to A. A is kaiming-uniform (from ``generator``: the trainer passes one drawn from the
+secret, :func:`seal_diffusion.passport.init_generator`, so the public ``--seed`` says nothing about A), B zero; only A and B are parameters. C and C_p are
 *non-persistent* buffers: they move with ``.to()`` but never enter a ``state_dict``.
 
 The layer replaces the wrapped module's ``forward`` (an instance attribute, kohya style) instead of replacing the
@@ -42,6 +43,7 @@ class SealLoRALayer(nn.Module):
         passport: torch.Tensor | None = None,
         passport_p: torch.Tensor | None = None,
         dropout: float = 0.0,
+        generator: torch.Generator | None = None,
     ):
         super().__init__()
         if not isinstance(base, nn.Linear):
@@ -51,9 +53,10 @@ class SealLoRALayer(nn.Module):
         self.alpha = float(alpha)
         self.scale = self.alpha / rank
         device = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=device))
+        a = torch.empty(rank, base.in_features)  # drawn on the CPU: a CPU generator works for every device
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        self.lora_A = nn.Parameter(a.to(device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         for buf, value in (("passport", passport), ("passport_p", passport_p)):
             if value is not None and tuple(value.shape) != (rank, rank):
                 raise ValueError(f"{name}: {buf} has shape {tuple(value.shape)}, expected ({rank}, {rank})")

@@ -65,7 +65,12 @@ class SealNetwork(nn.Module):
     """All SEAL layers of one UNet. Holds the trainable A, B; the UNet itself stays frozen and unchanged.
 
     ``passports`` maps module path → (C, C_p); ``None`` makes a plain LoRA through the same code (mode ``identity``).
+    ``generator`` draws every A's initialisation (default: the global RNG); pass
+    :func:`~seal_diffusion.passport.init_generator` of the secret so that A, like the passports, follows from it.
+    ``secret_kdf`` (set by the trainer) is the passphrase's salt record, written only into the private key.
     """
+
+    secret_kdf: str = ""
 
     def __init__(
         self,
@@ -75,6 +80,7 @@ class SealNetwork(nn.Module):
         passports: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
         targets: tuple[str, ...] = DEFAULT_TARGETS,
         dropout: float = 0.0,
+        generator: torch.Generator | None = None,
     ):
         super().__init__()
         if rank < 1:
@@ -95,7 +101,7 @@ class SealNetwork(nn.Module):
         self.layers = nn.ModuleList()
         for name, base in modules.items():
             c, c_p = passports[name] if passports is not None else (None, None)
-            layer = SealLoRALayer(name, base, rank, self.alpha, c, c_p, dropout)
+            layer = SealLoRALayer(name, base, rank, self.alpha, c, c_p, dropout, generator)
             self.layers.append(layer)
             self._layers[name] = layer
         self._unet = (unet,)

@@ -2,11 +2,18 @@
 
 Every adapted module gets its own pair. Two sources:
 
-* ``random`` — C ~ N(0, σ²) entry-wise (the paper's SEAL†), derived deterministically from a secret (a passphrase or
-  32 random bytes) and the module name: SHA-256(secret, module, which, attempt) seeds a numpy PCG64 generator, so the
-  same secret always gives the same passports on every machine and every accelerate process.
+* ``random`` — C ~ N(0, σ²) entry-wise (the paper's SEAL†), derived deterministically from a 32-byte secret and the
+  module name: SHA-256(secret, module, which, attempt) seeds a numpy PCG64 generator, so the same secret gives the same
+  passports on every machine and every accelerate process.
 * ``image:PATH`` — the artist's logo or signature: grayscale, centre crop, resize to r×r, mapped to [−1, 1] and scaled
   by σ. A multi-frame image (GIF/WebP) gives module i frame i mod N. C_p is then random (from the secret).
+
+**The secret.** By default 32 bytes from the OS (:func:`new_secret`, ``secrets``), kept nowhere but in the passports.
+A passphrase (``--secret``) is stretched with scrypt (memory-hard, :data:`SCRYPT`) and a random 16-byte salt that is
+stored only in the private key and private checkpoints (:func:`derive_secret`, :func:`kdf_record`): the passphrase
+alone — once one unsalted SHA-256 away from the passports — now gives nothing, and a guess cannot be tested against
+the public file. The same secret also draws A's initialisation (:func:`init_generator`), so a public or guessed
+training ``--seed`` cannot be confirmed from the release.
 
 C_p is drawn independently of C. A pair is refused when C_p equals C, is identity-like, or correlates strongly with C
 (|corr| > 0.5): those would make the second passport worthless as proof (the paper's claim check has exactly this hole,
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +34,64 @@ from .errors import UserError
 
 MAX_CORRELATION = 0.5
 RANDOM_SECRET_BYTES = 32
+SALT_BYTES = 16
+SCRYPT = {"n": 2**15, "r": 8, "p": 1}  # 32 MiB and ~0.1 s per derivation (OWASP's minimum is n=2^17 r=8 p=1 for
+# password storage; a passphrase here is tried once per training run, so the cost stays modest)
+MIN_PASSPHRASE_CHARS = 16
 
 
 def new_secret() -> bytes:
     """32 random bytes from the OS: the default secret when the user gives none (kept nowhere but in the passports)."""
-    return os.urandom(RANDOM_SECRET_BYTES)
+    return secrets.token_bytes(RANDOM_SECRET_BYTES)
+
+
+def new_salt() -> bytes:
+    return secrets.token_bytes(SALT_BYTES)
+
+
+def derive_secret(passphrase: str, salt: bytes, params: dict | None = None) -> bytes:
+    """scrypt(passphrase, salt) → 32 bytes: the secret a passphrase stands for (memory-hard, salted)."""
+    if not passphrase:
+        raise UserError("--secret: empty passphrase")
+    if len(salt) < 8:
+        raise UserError("secret salt: too short")
+    p = {**SCRYPT, **(params or {})}
+    return hashlib.scrypt(passphrase.encode("utf-8"), salt=salt, n=p["n"], r=p["r"], p=p["p"],
+                          maxmem=256 * p["r"] * p["n"] + (1 << 20), dklen=32)
+
+
+def kdf_record(salt: bytes, params: dict | None = None) -> str:
+    """What the private key stores to re-derive the secret from the passphrase: ``scrypt:n=…,r=…,p=…:salt=HEX``."""
+    p = {**SCRYPT, **(params or {})}
+    return f"scrypt:n={p['n']},r={p['r']},p={p['p']}:salt={salt.hex()}"
+
+
+def parse_kdf_record(record: str) -> tuple[bytes, dict]:
+    """(salt, scrypt parameters) of a :func:`kdf_record` string; :class:`UserError` when malformed."""
+    try:
+        kind, params, salt = record.split(":")
+        if kind != "scrypt" or not salt.startswith("salt="):
+            raise ValueError(record)
+        values = {k: int(v) for k, v in (item.split("=") for item in params.split(","))}
+        return bytes.fromhex(salt[len("salt="):]), {k: values[k] for k in ("n", "r", "p")}
+    except (ValueError, KeyError) as exc:
+        raise UserError(f"secret derivation record {record!r} is malformed") from exc
+
+
+def passphrase_warning(passphrase: str) -> str | None:
+    """A warning for a short passphrase (None when it is long enough)."""
+    if len(passphrase) < MIN_PASSPHRASE_CHARS:
+        return (f"--secret: a passphrase of {len(passphrase)} characters is short (use ≥ {MIN_PASSPHRASE_CHARS}, e.g. "
+                "five random words). The passports come from scrypt(passphrase, a random salt kept in the private "
+                "key), but anyone who gets the key and guesses the passphrase can confirm the guess; or leave "
+                "--secret out: 32 random bytes from the OS are used")
+    return None
+
+
+def init_generator(secret: bytes) -> torch.Generator:
+    """The generator of A's initialisation, drawn from the secret (not from the public or guessable ``--seed``)."""
+    digest = hashlib.sha256(b"seal-init\0" + secret).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
 def secret_bytes(secret: str | bytes) -> bytes:

@@ -147,6 +147,6 @@ def format_table(rows: list[ScanRow], threshold: float = DEFAULT_THRESHOLD) -> s
             note = (note + "; " if note else "") + "raw p passes, corrected does not"
         lines.append(f"| {os.path.basename(r.key)} | {r.file} | {verdict} | {raw} | {adj} | {note} |")
     n = len(rows)
-    lines.append(f"\nverdicts corrected for {n} tests ({CORRECTION_TEXT}); DETECTED when the corrected −log10 p ≥ "
-                 f"{threshold}")
+    lines.append(f"\nverdicts corrected for {n} tests ({CORRECTION_TEXT}); a row is detected when its corrected "
+                 f"−log10 p ≥ {threshold}")
     return "\n".join(lines)

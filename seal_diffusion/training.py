@@ -7,8 +7,9 @@ trained a DreamBooth LoRA knows the knobs. What SEAL adds:
   C_t is the secret passport C or the second passport C_p. ``--passport_schedule alternate`` switches C ↔ C_p every
   optimizer step; ``split`` runs the first half of every batch with C and the rest with C_p. The schedule depends
   only on the global step, so all accelerate processes stay in lock-step;
-* the passports come from a secret (``--secret``, or 32 random bytes that live nowhere but in the passports) and
-  are identical on every process;
+* the passports *and A's initialisation* come from a secret (32 random bytes from the OS that live nowhere but in the
+  passports, or scrypt(``--secret``, random salt) with the salt kept in the private key) and are identical on every
+  process; ``--seed`` only orders data and draws noise, so a published seed confirms nothing about the release;
 * the outputs: the private key ``NAME.sealkey`` first (raw A, B, C, C_p), then the public files built from it
   (``NAME.safetensors`` kohya layout, ``pytorch_lora_weights.safetensors`` diffusers layout, ``README.md``). The
   public files are ordinary LoRA files: C is folded into the factors, nothing names the method.
@@ -112,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--passport_schedule", choices=("alternate", "split"), default="alternate",
                    help="alternate C/C_p every optimizer step, or split every batch between them (default alternate)")
     g.add_argument("--secret", default=None,
-                   help="passphrase the passports are derived from (default: 32 random bytes, kept nowhere). "
-                   "Never written to any file")
+                   help="passphrase the passports and A's initialisation are derived from, with scrypt and a random "
+                   "salt kept only in the private key (default, recommended: 32 random bytes from the OS, kept "
+                   "nowhere). Never written to any file; use 16+ characters")
 
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", default="lora-dreambooth-model", help="output folder")
@@ -230,6 +232,24 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
 # ==================================================================================================================
 # reproducible randomness
 # ==================================================================================================================
+def _owner_secret(passphrase: str | None, ckpt_state: dict | None, warn) -> tuple[bytes, str]:
+    """(32-byte secret, private salt record): OS randomness by default; scrypt(passphrase, salt) with ``--secret``
+    (a fresh salt, or the checkpoint's when resuming). Never derived from anything a user may publish (the seed)."""
+    from . import passport as passports_mod
+
+    if passphrase is None:
+        return passports_mod.new_secret(), ""
+    why = passports_mod.passphrase_warning(passphrase)
+    if why:
+        warn(why)
+    record = (ckpt_state or {}).get("secret_kdf") or ""
+    if ckpt_state is not None and not record:
+        raise UserError("--secret: the checkpoint holds no passphrase salt (trained without --secret, or by an older "
+                        "version); resume without --secret, the passports come from the checkpoint")
+    salt, params = passports_mod.parse_kdf_record(record) if record else (passports_mod.new_salt(), None)
+    return passports_mod.derive_secret(passphrase, salt, params), passports_mod.kdf_record(salt, params)
+
+
 def _derived_seed(seed: int, *parts) -> int:
     digest = hashlib.sha256(repr(("seal-diffusion-train", int(seed)) + tuple(parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
@@ -924,12 +944,11 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
 
     # seed and secret: chosen on the main process when not given, identical everywhere
     seed = args.seed if args.seed is not None else (ckpt_state or {}).get("seed")
-    secret = args.secret
-    shared = [seed if seed is not None else int.from_bytes(os.urandom(4), "little"),
-              secret if secret is not None else passports_mod.new_secret()]
+    secret, secret_kdf = _owner_secret(args.secret if seal else None, ckpt_state, warn)
+    shared = [seed if seed is not None else int.from_bytes(os.urandom(4), "little"), secret, secret_kdf]
     if accelerator.num_processes > 1:
         broadcast_object_list(shared, from_process=0)
-    seed, secret = shared
+    seed, secret, secret_kdf = shared
     set_seed(seed)
 
     pipe = load_pipeline(src, config=args.config, allow_pickle=args.allow_pickle, revision=args.revision)
@@ -960,6 +979,7 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
         else:
             passports = passports_mod.make_passports(module_names, args.rank, secret, args.passport_source,
                                                      args.passport_std)
+    init_gen = passports_mod.init_generator(secret) if seal else None  # A's init follows the secret, not --seed
     del secret, shared
     if passports is not None:  # an image passport gives every module the same tensor: own copies (safetensors)
         passports = {m: (c.clone(), c_p.clone()) for m, (c, c_p) in passports.items()}
@@ -976,7 +996,8 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     torch.manual_seed(_derived_seed(seed, "init") % (2**32))
-    network = SealNetwork(unet, args.rank, args.alpha, passports)  # A, B in fp32 on the UNet's device
+    network = SealNetwork(unet, args.rank, args.alpha, passports, generator=init_gen)  # fp32, on the UNet's device
+    network.secret_kdf = secret_kdf
     if getattr(args, "init_lora", None):
         init_from_lora(network, args.init_lora)  # a resumed run's checkpoint overrides these factors later
     unet.train()
@@ -1036,7 +1057,8 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
 
     def state() -> dict:
         return {"global_step": global_step, "seed": seed, "method": args.method, "rank": args.rank,
-                "alpha": args.alpha, "passport_schedule": args.passport_schedule, "targets": list(network.targets)}
+                "alpha": args.alpha, "passport_schedule": args.passport_schedule, "targets": list(network.targets),
+                "secret_kdf": secret_kdf}
 
     step_setup = _LossSetup(network, vae, noise_scheduler, instance_emb, class_emb, args.prior_loss_weight,
                             args.passport_schedule if seal else None, dataset.latent_cache is not None, device,
