@@ -210,7 +210,7 @@ def test_partial_file_reports_its_floor(owner, tmp_path, capsys):
     assert report.detected and report.neg_log10_p == pytest.approx(20 * math.log10(2))
 
 
-def _split(owner, factor: float = 30.0, seed: int = 5):
+def _split(owner, factor: float = 100.0, seed: int = 5):
     """The split attack, our own code: A = release + R, B = −R, with ‖R‖ = factor·‖release‖ per module (rank 2r)."""
     g = torch.Generator().manual_seed(seed)
     a_file, b_file = {}, {}
@@ -229,6 +229,7 @@ def test_split_lora_is_detected_only_when_combined(owner, tmp_path, capsys):
     pa, pb = _save(a_file, tmp_path / "a.safetensors"), _save(b_file, tmp_path / "b.safetensors")
     key = owner["key"]
     alone = [verify(key, load_suspect(p, key)) for p in (pa, pb)]
+    print(f"split attack, ‖R‖ = 100×: A alone {alone[0].neg_log10_p:.2f}, B alone {alone[1].neg_log10_p:.2f}")
     assert not any(r.detected for r in alone), [r.neg_log10_p for r in alone]
     combined = verify_path(owner["key_path"], [pa, pb])
     assert combined.detected and combined.neg_log10_p == pytest.approx(FLOOR, abs=1e-6)

@@ -264,3 +264,31 @@ def test_upload_size_limit(sandbox, tiny_dir):
     finally:
         demo.close()
         demo.seal_workspace.cleanup()
+
+
+def test_verify_files_used_together_and_commitment(client, trained, sandbox):
+    """A LoRA split into A = release + R and B = −R: each alone is clean, together (as the app offers) it is found; a
+    published commitment that the key does not match is refused."""
+    import torch
+    from safetensors.torch import save_file
+
+    from seal_diffusion.lora_file import read_lora
+
+    g = torch.Generator().manual_seed(0)
+    a_file, b_file = {}, {}
+    for stem, (d, u) in read_lora(trained["kohya"]).entries.items():
+        rd, ru = torch.randn(d.shape, generator=g), torch.randn(u.shape, generator=g)
+        ru = ru * float((u @ d).norm() / (ru @ rd).norm()) * 1000  # image passport: R must dominate more
+        a_file[f"{stem}.lora_down.weight"], a_file[f"{stem}.lora_up.weight"] = torch.cat([d, rd]), torch.cat([u, ru], 1)
+        b_file[f"{stem}.lora_down.weight"], b_file[f"{stem}.lora_up.weight"] = rd, -ru.contiguous()
+    save_file(a_file, str(sandbox / "part_a.safetensors"))
+    save_file(b_file, str(sandbox / "part_b.safetensors"))
+    files = [handle_file(str(sandbox / "part_a.safetensors")), handle_file(str(sandbox / "part_b.safetensors"))]
+    _, table, _, _ = client.predict(handle_file(str(trained["key"])), files, "tiny", 3.3, False, "", api_name="/verify")
+    assert [r[1] for r in table["data"]] == ["no watermark found", "no watermark found"], table["data"]
+    verdict, table, _, _ = client.predict(handle_file(str(trained["key"])), files, "tiny", 3.3, True,
+                                          trained["commitment"], api_name="/verify")
+    assert [r[:2] for r in table["data"]] == [["part_a.safetensors + part_b.safetensors", "watermark found"]]
+    assert "checked against your published commitment" in verdict
+    with pytest.raises(AppError, match="does not match the published commitment"):
+        client.predict(handle_file(str(trained["key"])), files, "tiny", 3.3, True, "0" * 64, api_name="/verify")

@@ -378,10 +378,14 @@ class Handlers:
         return gallery, table, str(spectra), md
 
     # -- 4. verify -----------------------------------------------------------------------------------------------
-    def verify(self, key_file=None, suspect_files=None, base=None, threshold=None, request: gr.Request = None):
-        from seal_diffusion.verify import DEFAULT_THRESHOLD, load_suspect, recover_passports, verify
+    def verify(self, key_file=None, suspect_files=None, base=None, threshold=None, together=False, commitment=None,
+               request: gr.Request = None):
+        from seal_diffusion.keyfile import check_commitment
+        from seal_diffusion.verify import (DEFAULT_THRESHOLD, combine_suspects, load_suspect, recover_passports,
+                                           verify)
 
         key, _ = _load_key(key_file)
+        published = check_commitment(key, commitment, "Published commitment") if (commitment or "").strip() else None
         suspects = _paths(suspect_files)
         _need(bool(suspects), "Add at least one file to check (a LoRA .safetensors you found).")
         _need(len(suspects) <= MAX_SUSPECTS, f"{len(suspects)} files: at most {MAX_SUSPECTS} at a time")
@@ -390,11 +394,15 @@ class Handlers:
         base = (base or "").strip() or self.base
         job = self.ws.job(request, "verify")
         image_passport = key.passport_source.startswith("image:")
-        rows, charted, recovered, lines = [], [], [], []
-        for path in suspects:
-            label = path.name
+        rows, charted, recovered = [], [], []
+        lines = [f"<span class='seal-note'>Key checked against your published commitment {published[:16]}….</span>"
+                 if published else "<span class='seal-note'>Key not checked against a published commitment (add it "
+                 "under Advanced settings to prove this is the key you published).</span>"]
+        groups = [suspects] if together and len(suspects) > 1 else [[p] for p in suspects]
+        for group in groups:  # loaded together: one suspect, the files' updates added (a LoRA split into parts)
+            label = " + ".join(p.name for p in group)
             try:
-                suspect = load_suspect(path, key, base)
+                suspect = combine_suspects([load_suspect(p, key, base) for p in group])
                 report = verify(key, suspect, threshold)
             except UserError as exc:
                 msg = self.ws.clean(str(exc))
@@ -405,7 +413,11 @@ class Handlers:
             n = math.floor(report.neg_log10_p)
             evidence = (f"<br><span class='seal-note'>Evidence score (−log10 p): {report.neg_log10_p:,.1f}; the "
                         f"watermark counts as found from {threshold:g}. {report.n_modules} of "
-                        f"{report.n_modules + report.n_modules_missing} layers compared.</span>")
+                        f"{report.n_modules + report.n_modules_missing} layers compared."
+                        + (f" With {report.n_modules} layers at most {report.max_neg_log10_p:.1f} is reachable."
+                           if report.n_modules_missing and report.max_neg_log10_p is not None else "")
+                        + (" Not tested: " + html.escape("; ".join(report.not_tested)) + "."
+                           if report.not_tested else "") + "</span>")
             if report.detected:
                 verdict = "watermark found"
                 lines.append(f"<div class='seal-verdict seal-found'><strong>{html.escape(label)}: this file contains "
@@ -675,6 +687,11 @@ def build_app(base: str = "tiny") -> gr.Blocks:
                                                            "into)", value=base, elem_id="verify-base")
                             threshold = gr.Number(label="Threshold for −log10 p (3.3 means p < 0.0005, the SEAL "
                                                         "paper's rule)", value=3.3, elem_id="verify-threshold")
+                            together = gr.Checkbox(label="The files are used together (added into one LoRA: catches "
+                                                         "a LoRA split into parts)", value=False,
+                                                   elem_id="verify-together")
+                            commitment = gr.Textbox(label="Your published commitment (the key is refused unless it "
+                                                          "matches)", value="", elem_id="verify-commitment")
                         verify_btn = gr.Button("Verify", variant="primary", elem_id="verify-btn")
                     with gr.Column(scale=2):
                         verdict = gr.Markdown("The verdict will appear here.", elem_id="verify-verdict")
@@ -705,7 +722,7 @@ def build_app(base: str = "tiny") -> gr.Blocks:
                           [compare_key, compare_base, compare_prompts, compare_seeds, compare_steps],
                           [gallery, table, spectra, compare_md],
                           api_name="compare", concurrency_id="heavy", concurrency_limit=1)
-        verify_btn.click(_guard(ws, h.verify), [verify_key, suspects, verify_base, threshold],
+        verify_btn.click(_guard(ws, h.verify), [verify_key, suspects, verify_base, threshold, together, commitment],
                          [verdict, verify_table, chart, passport_img], api_name="verify", concurrency_limit=4)
 
     demo.queue(max_size=64)
