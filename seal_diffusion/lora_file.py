@@ -193,7 +193,7 @@ def resolve_lora_path(path: str | os.PathLike) -> Path:
 
 # -- reading every layout frontends load --------------------------------------------------------------------------
 _TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "text_encoder.", "text_encoder_2.",
-                          "te_", "te1_", "te2_")
+                          "te_", "te1_", "te2_", "text_model.")
 _UNET_PREFIXES = ("unet.", "base_model.model.", "model.diffusion_model.", "diffusion_model.")
 # suffix → (part, dialect of a dotted stem); kohya stems are always "kohya"
 _SUFFIXES = (
@@ -269,7 +269,8 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
     ``lora.down``/``lora.up``, diffusers' old attention-processor keys (``<attn>.processor.to_q_lora.down.weight``),
     ComfyUI's ``diffusion_model.`` names and LyCORIS files: LoCon (lora_down/up on any layer) is read as factors,
     LoHa/LoKr/full layers on a Linear as ΔW. Conv layers, text-encoder layers, DoRA magnitudes and unknown keys are
-    counted in ``other`` (reported, not tested). Which stem is which key module is decided by :meth:`LoraFile.by_module`.
+    counted in ``other`` (reported, not tested). Which stem is which key module is decided by
+    :meth:`LoraFile.by_module`.
     """
     path = resolve_lora_path(path)
     tensors, metadata = load_safetensors(path, what="LoRA file")

@@ -4,7 +4,8 @@ The key stores every adapted layer under its diffusers module path (``down_block
 .attn1.to_q``). Frontends name the same layer differently:
 
 * kohya, diffusers names: ``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q``
-* kohya, LDM names (A1111/ComfyUI, many kohya SD 1.5 files): ``lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q``
+* kohya, LDM names (A1111/ComfyUI, many kohya SD 1.5 files):
+  ``lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q``
 * ComfyUI's native form: ``diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q``
 
 kohya stems cannot be split back into a path ('_' is both separator and part of ``to_q``), so — as ComfyUI's key map
@@ -16,8 +17,8 @@ conversion and kohya's conversion do it: with ``L_i`` layers at down level ``i``
 slot), its attention is sub-module ``.1``; ``mid_block.attentions.0`` is ``middle_block.1``; up level ``i`` has
 ``L'_i + 1`` layers at ``output_blocks.{Σ_{k<i}(L'_k+1) + j}.1`` with ``L'`` the reversed list. ``L`` comes from the
 UNet config (``layers_per_block``) when one is given, else from the key's own module paths (the highest
-``up_blocks.i.attentions.j`` index is ``L_i'``, the highest down index ``L_i − 1``): those paths are the modules found in
-the real UNet at training time. The same formulas give SDXL's names (3 levels, attention from level 1 on).
+``up_blocks.i.attentions.j`` index is ``L_i'``, the highest down index ``L_i − 1``): those paths are the modules found
+in the real UNet at training time. The same formulas give SDXL's names (3 levels, attention from level 1 on).
 """
 
 from __future__ import annotations

@@ -103,8 +103,9 @@ def _renamed(owner, layout: str) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(1)
         t["lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight"] = torch.randn(RANK, 32, 3, 3, generator=g)
         t["lora_unet_input_blocks_1_0_in_layers_2.lora_up.weight"] = torch.randn(32, RANK, 1, 1, generator=g)
-        t["lora_unet_input_blocks_1_1_transformer_blocks_0_ff_net_2.lora_down.weight"] = torch.randn(RANK, 128, generator=g)
-        t["lora_unet_input_blocks_1_1_transformer_blocks_0_ff_net_2.lora_up.weight"] = torch.randn(32, RANK, generator=g)
+        ff = "lora_unet_input_blocks_1_1_transformer_blocks_0_ff_net_2"
+        t[f"{ff}.lora_down.weight"] = torch.randn(RANK, 128, generator=g)
+        t[f"{ff}.lora_up.weight"] = torch.randn(32, RANK, generator=g)
         t["lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"] = torch.randn(RANK, 32, generator=g)
         t["lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"] = torch.randn(32, RANK, generator=g)
     return t
@@ -131,7 +132,8 @@ def test_every_renamed_export_is_detected_at_the_floor(owner, tmp_path):
     locon = verify(key, load_suspect(tmp_path / "locon.safetensors", key))
     assert "LDM names" in locon.suspect_layout and "LyCORIS LoCon" in locon.suspect_layout
     notes = " | ".join(locon.not_tested)
-    assert "1 conv layers (LoCon)" in notes and "1 text-encoder layers" in notes and "1 UNet layers that are not" in notes
+    assert "1 conv layers (LoCon)" in notes and "1 text-encoder layers" in notes
+    assert "1 UNet layers that are not" in notes
     # scan reads them too: every row detected, exit 0
     rows, _ = scan([owner["key_path"]], paths)
     assert all(r.detected for r in rows) and len(rows) == len(LAYOUTS)
@@ -183,7 +185,8 @@ def test_scan_never_calls_an_unreadable_or_unmapped_file_not_detected(owner, tmp
     te_only = {k: v for k, v in _renamed(owner, "locon").items() if k.startswith("lora_te_")}
     _save(te_only, tmp_path / "te_only.safetensors")
     (tmp_path / "garbage.safetensors").write_bytes(b"not a safetensors file")
-    other = {"lora_unet_foo_bar.lora_down.weight": torch.zeros(2, 8), "lora_unet_foo_bar.lora_up.weight": torch.zeros(8, 2)}
+    other = {"lora_unet_foo_bar.lora_down.weight": torch.zeros(2, 8),
+             "lora_unet_foo_bar.lora_up.weight": torch.zeros(8, 2)}
     _save(other, tmp_path / "other_model.safetensors")
     rows, _ = scan([owner["key_path"]], [tmp_path])
     assert len(rows) == 3 and all(r.detected is None and r.error.startswith("could not be checked") for r in rows)

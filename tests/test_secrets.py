@@ -2,8 +2,8 @@
 
 * passphrase only: the thief knows (or guesses) ``--secret`` and holds the public file. Before, one unsalted SHA-256 of
   the passphrase gave the passports, so A and B came back to 3e-8 and a wrong guess showed at once.
-* seed: the training ``--seed`` used to draw A's initialisation; with little training A′ = C2·A stays close to C2·A_init,
-  so the right seed left a residual of ~0.01 and wrong ones ~0.9 (a 2³² search confirms the seed).
+* seed: the training ``--seed`` used to draw A's initialisation; with little training A′ = C2·A stays close to
+  C2·A_init, so the right seed left a residual of ~0.01 and wrong ones ~0.9 (a 2³² search confirms the seed).
 """
 
 import torch
