@@ -44,8 +44,9 @@ def _quiet_libraries() -> None:
 def cmd_tiny_model(args) -> int:
     from .tiny import write_tiny_model
 
-    out = write_tiny_model(args.out)
-    print(f"wrote the embedded default model to {out} (load with StableDiffusionPipeline.from_pretrained)")
+    out = write_tiny_model(args.out, xl=args.xl)
+    cls = "StableDiffusionXLPipeline" if args.xl else "StableDiffusionPipeline"
+    print(f"wrote the embedded {'SDXL ' if args.xl else ''}default model to {out} (load with {cls}.from_pretrained)")
     return 0
 
 
@@ -178,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tiny-model", help="write the embedded default model as a diffusers folder")
     p.add_argument("--out", required=True, help="folder to write (replaced if it exists)")
+    p.add_argument("--xl", action="store_true", help="write tiny-xl, the SDXL-shaped default, instead of tiny")
     p.set_defaults(func=cmd_tiny_model)
 
     p = sub.add_parser("train", help="train a SEAL LoRA (same as accelerate launch train_dreambooth_seal.py ARGS)",

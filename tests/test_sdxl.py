@@ -1,0 +1,47 @@
+"""SDXL support: the embedded tiny-xl default and model-family detection."""
+
+import json
+
+import torch
+
+from seal_diffusion.base_model import is_sdxl, load_pipeline, pipeline_class, resolve_base
+from seal_diffusion.network import find_target_modules
+from seal_diffusion.tiny import build_sdxl_unet, build_tiny_xl_components, write_tiny_model
+
+
+def test_tiny_xl_has_sdxl_module_names_and_conditioning(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    full = find_target_modules(build_sdxl_unet())
+    assert len(full) == 560  # SDXL base: 140 Attention modules × to_q/k/v/out.0
+    out = write_tiny_model(tmp_path / "txl", xl=True)
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+    pipe = StableDiffusionXLPipeline.from_pretrained(out, local_files_only=True)
+    tiny = find_target_modules(pipe.unet)
+    assert list(tiny) == list(full)  # same names, same order
+    assert is_sdxl(pipe) and pipe.text_encoder_2.config.projection_dim == 32
+    # the added conditioning really is SDXL's: pooled text embedding + 6 time ids
+    image = pipe("a photo of sks cat", num_inference_steps=2, height=64, width=64, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 64, 64, 3) and float(image.std()) > 0
+
+
+def test_tiny_xl_is_deterministic():
+    a, b = build_tiny_xl_components()["unet"], build_tiny_xl_components()["unet"]
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_family_detection(tmp_path):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    assert pipeline_class(resolve_base("tiny-xl")) is StableDiffusionXLPipeline
+    assert pipeline_class(resolve_base("tiny")) is StableDiffusionPipeline
+    pipe = load_pipeline("tiny-xl")
+    assert isinstance(pipe, StableDiffusionXLPipeline) and not is_sdxl(load_pipeline("tiny"))
+    # a single-file SDXL checkpoint is recognised by its own tensor names
+    from safetensors.torch import save_file
+
+    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2)}, str(tmp_path / "xl.safetensors"))
+    save_file({"model.diffusion_model.out.0.weight": torch.zeros(2)}, str(tmp_path / "sd.safetensors"))
+    assert pipeline_class(resolve_base(tmp_path / "xl.safetensors")) is StableDiffusionXLPipeline
+    assert pipeline_class(resolve_base(tmp_path / "sd.safetensors")) is StableDiffusionPipeline
