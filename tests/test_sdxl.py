@@ -45,3 +45,29 @@ def test_family_detection(tmp_path):
     save_file({"model.diffusion_model.out.0.weight": torch.zeros(2)}, str(tmp_path / "sd.safetensors"))
     assert pipeline_class(resolve_base(tmp_path / "xl.safetensors")) is StableDiffusionXLPipeline
     assert pipeline_class(resolve_base(tmp_path / "sd.safetensors")) is StableDiffusionPipeline
+
+
+def test_conditioning_matches_generation_for_both_families():
+    from seal_diffusion.conditioning import encode_text
+    from seal_diffusion.training import encode_prompt
+
+    sd = load_pipeline("tiny")
+    cond = encode_text(sd, "a photo of sks cat")
+    assert torch.equal(cond.encoder_hidden_states, encode_prompt(sd, "a photo of sks cat", "cpu"))
+    assert set(cond.unet_kwargs()) == {"encoder_hidden_states"}
+
+    xl = load_pipeline("tiny-xl")
+    cond = encode_text(xl, ["a photo of sks cat", "a dog"]).to(dtype=torch.float32)
+    assert cond.encoder_hidden_states.shape == (2, 77, 64) and cond.text_embeds.shape == (2, 32)
+    assert cond.time_ids.tolist()[0] == [64.0, 64.0, 0.0, 0.0, 64.0, 64.0]
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = xl.unet(latents, torch.tensor([10, 500]), **cond.unet_kwargs()).sample
+        one = xl.unet(latents[:1], torch.tensor([10]), **cond.index(slice(0, 1)).unet_kwargs()).sample
+    assert out.shape == latents.shape and torch.allclose(out[:1], one, atol=1e-5)
+    # the pooled embedding and the time ids really reach the UNet
+    moved = cond.index(slice(0, 1))
+    moved.time_ids = moved.time_ids * 2
+    with torch.no_grad():
+        other = xl.unet(latents[:1], torch.tensor([10]), **moved.unet_kwargs()).sample
+    assert not torch.allclose(one, other)
