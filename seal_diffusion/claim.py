@@ -59,7 +59,7 @@ def fidelity_measurements(key: SealKey, base, data: str | os.PathLike, prompt: s
     from .base_model import load_pipeline
     from .compare import default_size, generate, seal_network_for
     from .metrics import mean_std, psnr, ssim
-    from .training import heldout_batch, heldout_denoising_loss
+    from .evaluation import heldout_batch, heldout_denoising_loss
 
     pipe = base if not isinstance(base, (str, os.PathLike)) else load_pipeline(base, config=config)
     latents, ehs = heldout_batch(pipe, data, prompt)
@@ -169,7 +169,7 @@ def forge_passport_p(key: SealKey, mode: str = "gamma", gamma: float = 0.5, seed
 def _optimise_passport_p(key, init, base, data, prompt, steps, seed):
     from .base_model import load_pipeline
     from .compare import seal_network_for
-    from .training import heldout_batch, training_noise_scheduler
+    from .evaluation import heldout_batch, training_noise_scheduler
 
     if data is None:
         raise UserError("ambiguity --mode optimised needs --data (subject images)")

@@ -6,13 +6,13 @@ Errors in the user's input are one line on stderr and exit code 2 (``--debug`` s
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from .cpu import short_openmp_spin
 from .demo import DEMO_STEPS
 from .errors import UserError
+from .quiet import quiet_libraries
 
 
 class _Parser(argparse.ArgumentParser):
@@ -20,24 +20,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D401
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*torchvision.*")
-    try:  # model-loading bars ("Loading pipeline components", "Loading weights") are noise in a CLI
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
-
-        diffusers_logging.disable_progress_bar()
-        transformers_logging.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 # -- commands ------------------------------------------------------------------------------------------------------
@@ -129,7 +111,7 @@ def cmd_attack(args) -> int:
         out = attacks.merge_into_checkpoint(args.input, args.base, args.output, weight=args.weight,
                                             config=args.config, overwrite=args.overwrite)
     elif method == "finetune":
-        from .training import finetune_lora
+        from .finetune import finetune_lora
 
         out = finetune_lora(args.input, args.output, data=args.data, base=args.base or "tiny", steps=args.steps,
                             learning_rate=args.lr, seed=args.seed, overwrite=args.overwrite, config=args.config)
@@ -270,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     short_openmp_spin()  # before torch's import
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":  # everything after `train` belongs to the trainer's own parser (incl. --help)
-        _quiet_libraries()
+        quiet_libraries()
         from .training import main as train_main
 
         return train_main(argv[1:])
@@ -279,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    _quiet_libraries()
+    quiet_libraries()
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
