@@ -135,7 +135,8 @@ def check_claim(
 # -- the ambiguity attack: forge a second passport ------------------------------------------------------------------
 def _with_passport_p(key: SealKey, new_p: dict[str, torch.Tensor]) -> SealKey:
     modules = {n: ModuleKey(mk.lora_A, mk.lora_B, mk.passport, new_p[n].float()) for n, mk in key.modules.items()}
-    return SealKey(modules, key.rank, key.alpha, key.base_model, key.target_modules, key.passport_source)
+    return SealKey(modules, key.rank, key.alpha, key.base_model, key.target_modules, key.passport_source,
+                   architecture=key.architecture)
 
 
 def forge_passport_p(key: SealKey, mode: str = "gamma", gamma: float = 0.5, seed: int = 0, *, base=None,
@@ -191,7 +192,7 @@ def _optimise_passport_p(key, init, base, data, prompt, steps, seed):
         for _ in range(steps):
             noise = torch.randn(latents.shape, generator=g)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g)
-            pred = pipe.unet(scheduler.add_noise(latents, noise, t), t, ehs.expand(latents.shape[0], -1, -1)).sample
+            pred = pipe.unet(scheduler.add_noise(latents, noise, t), t, **ehs.expand(latents.shape[0]).unet_kwargs()).sample
             loss = torch.nn.functional.mse_loss(pred, noise)
             opt.zero_grad()
             loss.backward()

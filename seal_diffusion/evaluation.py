@@ -1,5 +1,6 @@
 """Held-out evaluation: the denoising loss of a UNet (with a passport, without, or bare) on fixed images, noise and
-timesteps — and the small model pieces it shares with training (prompt encoding, the noise scheduler and target).
+timesteps — and the small model pieces it shares with training (the noise scheduler and target). Prompts are encoded
+by :func:`seal_diffusion.conditioning.encode_text` (SD 1.x and SDXL alike).
 
 Training, the claim check, the demo, compare and the robustness matrix all import these from here: this module sits
 below all of them and imports none of them.
@@ -15,17 +16,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from .conditioning import Conditioning, encode_text
 from .errors import UserError
 from .images import image_to_tensor, load_image, scan_image_dir
 from .tiny import SD15_SCHEDULER
-
-
-@torch.no_grad()
-def encode_prompt(pipe, prompt: str, device) -> torch.Tensor:
-    """CLIP hidden states (1 × 77 × d) of ``prompt`` (the text encoder is frozen, so once per run is enough)."""
-    tok = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt")
-    return pipe.text_encoder(tok.input_ids.to(device))[0]
 
 
 def vae_scale_factor(vae) -> int:
@@ -61,13 +55,13 @@ def encode_images(vae, pixels: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def heldout_batch(pipe, image_dir: str | os.PathLike, prompt: str, resolution: int | None = None):
-    """``(latents, encoder_hidden_states)`` of the (center-cropped) images in ``image_dir`` with ``prompt``."""
+    """``(latents, conditioning)`` of the (center-cropped) images in ``image_dir`` with ``prompt``."""
     resolution = resolution or default_resolution(pipe)
     files = scan_image_dir(image_dir, "images", warn=lambda m: None)
     pixels = torch.stack([image_to_tensor(load_image(f, resolution, lambda m: None), resolution, True, False, None)
                           for f in files])
     device = next(pipe.unet.parameters()).device
-    return encode_images(pipe.vae, pixels), encode_prompt(pipe, prompt, device)
+    return encode_images(pipe.vae, pixels), encode_text(pipe, prompt, device, size=resolution)
 
 
 @torch.no_grad()
@@ -75,7 +69,7 @@ def heldout_denoising_loss(
     unet,
     network,
     latents: torch.Tensor,
-    encoder_hidden_states: torch.Tensor,
+    cond: Conditioning | torch.Tensor,
     mode: str = "C",
     seed: int = 0,
     n_timesteps: int = 8,
@@ -85,7 +79,8 @@ def heldout_denoising_loss(
 
     ``mode`` ∈ {C, C_p, identity, off} (``network=None`` means the bare UNet, i.e. ``off``). The timesteps are
     ``n_timesteps`` evenly spaced over the schedule (5 %…95 %) and the noise is drawn from ``seed``, so two calls
-    with different modes see exactly the same inputs: the differences are the passport's doing.
+    with different modes see exactly the same inputs: the differences are the passport's doing. ``cond`` is the
+    prompt's :class:`~seal_diffusion.conditioning.Conditioning` (a bare hidden-states tensor is accepted for SD 1.x).
     """
     if noise_scheduler is None:
         noise_scheduler = DDPMScheduler(**{k: SD15_SCHEDULER[k] for k in
@@ -99,10 +94,7 @@ def heldout_denoising_loss(
     gen = torch.Generator().manual_seed(seed)
     latents = latents.float()
     n = latents.shape[0]
-    ehs = encoder_hidden_states
-    if ehs.shape[0] == 1 and n > 1:
-        ehs = ehs.expand(n, *ehs.shape[1:])
-    ehs = ehs.to(device, dtype)
+    cond = (cond if isinstance(cond, Conditioning) else Conditioning(cond)).expand(n).to(device, dtype)
     was_training = unet.training
     unet.eval()
     losses = []
@@ -114,7 +106,7 @@ def heldout_denoising_loss(
                 timesteps = torch.full((n,), int(t), dtype=torch.long)
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)
                 target = denoising_target(noise_scheduler, latents, noise, timesteps)
-                pred = unet(noisy.to(device, dtype), timesteps.to(device), ehs, return_dict=False)[0]
+                pred = unet(noisy.to(device, dtype), timesteps.to(device), **cond.unet_kwargs(), return_dict=False)[0]
                 losses.append(F.mse_loss(pred.float().cpu(), target.float()).item())
     finally:
         unet.train(was_training)

@@ -49,11 +49,12 @@ def test_family_detection(tmp_path):
 
 def test_conditioning_matches_generation_for_both_families():
     from seal_diffusion.conditioning import encode_text
-    from seal_diffusion.training import encode_prompt
 
     sd = load_pipeline("tiny")
     cond = encode_text(sd, "a photo of sks cat")
-    assert torch.equal(cond.encoder_hidden_states, encode_prompt(sd, "a photo of sks cat", "cpu"))
+    ids = sd.tokenizer("a photo of sks cat", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(cond.encoder_hidden_states, sd.text_encoder(ids)[0])  # SD 1.x: last hidden states
     assert set(cond.unet_kwargs()) == {"encoder_hidden_states"}
 
     xl = load_pipeline("tiny-xl")
@@ -71,3 +72,47 @@ def test_conditioning_matches_generation_for_both_families():
     with torch.no_grad():
         other = xl.unet(latents[:1], torch.tensor([10]), **moved.unet_kwargs()).sample
     assert not torch.allclose(one, other)
+
+
+def test_sdxl_dreambooth_run_exports_and_verifies(tmp_path, subject_dir):
+    """Train SEAL on tiny-xl (prior preservation, SDXL conditioning), export, reload in the SDXL pipeline, verify."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from seal_diffusion.keyfile import SealKey
+    from seal_diffusion.training import parse_args, train
+    from seal_diffusion.verify import verify_path
+
+    out = tmp_path / "run"
+    args = parse_args(["--pretrained_model_name_or_path", "tiny-xl", "--instance_data_dir", str(subject_dir),
+                       "--instance_prompt", "a photo of sks cat", "--output_dir", str(out), "--output_name", "cat",
+                       "--rank", "4", "--max_train_steps", "4", "--learning_rate", "2e-3", "--seed", "0",
+                       "--cache_latents", "--train_batch_size", "2", "--with_prior_preservation",
+                       "--class_prompt", "a photo of a cat", "--class_data_dir", str(tmp_path / "class"),
+                       "--num_class_images", "2", "--secret", "sdxl test"])
+    result = train(args)
+    net = result["network"]
+    key = SealKey.load(out / "cat.sealkey")
+    assert key.architecture == "sdxl_base_v1-0" and len(key.modules) == 560
+    assert any(float(layer.lora_B.detach().abs().max()) > 0 for _, layer in net.items())  # it trained
+    assert verify_path(key, out / "cat.safetensors").detected
+
+    # the diffusers-layout export loads in StableDiffusionXLPipeline and gives the patched network's output (C)
+    pipe = result["pipeline"]
+    g = torch.Generator().manual_seed(3)
+    latents = torch.randn(1, 4, 32, 32, generator=g)
+    from seal_diffusion.conditioning import encode_text
+
+    cond = encode_text(pipe, "a photo of sks cat")
+    t = torch.tensor([500])
+    with torch.no_grad(), net.passport("C"):
+        want = pipe.unet(latents, t, **cond.unet_kwargs()).sample
+    net.remove()
+    from seal_diffusion.tiny import tiny_model_dir
+
+    fresh = StableDiffusionXLPipeline.from_pretrained(tiny_model_dir(xl=True), local_files_only=True)
+    fresh.load_lora_weights(str(out))
+    with torch.no_grad():
+        got = fresh.unet(latents, t, **cond.unet_kwargs()).sample
+        base = load_pipeline("tiny-xl").unet(latents, t, **cond.unet_kwargs()).sample
+    assert float((got - want).norm() / want.norm()) <= 1e-5
+    assert float((base - want).norm()) > 0  # the LoRA does change the output

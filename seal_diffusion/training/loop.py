@@ -30,7 +30,8 @@ from .. import passport as passports_mod
 from ..attacks import init_from_lora
 from ..base_model import load_pipeline, resolve_base
 from ..errors import UserError
-from ..evaluation import default_resolution, encode_prompt, training_noise_scheduler, vae_scale_factor
+from ..conditioning import encode_text
+from ..evaluation import default_resolution, training_noise_scheduler, vae_scale_factor
 from ..images import scan_image_dir
 from ..network import DEFAULT_TARGETS, SealNetwork, find_target_modules
 from .args import check_args, warn
@@ -151,14 +152,18 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
         passports = {m: (c.clone(), c_p.clone()) for m, (c, c_p) in passports.items()}
 
     # -- frozen model, network -----------------------------------------------------------------------------------
-    for m in (unet, vae, pipe.text_encoder):
+    text_encoders = [te for te in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if te is not None]
+    for m in (unet, vae, *text_encoders):
         m.requires_grad_(False)
-    for m in (unet, vae, pipe.text_encoder):
+    for m in (unet, vae, *text_encoders):
         m.to(device) if weight_dtype == torch.float32 else m.to(device, dtype=weight_dtype)
-    instance_emb = encode_prompt(pipe, args.instance_prompt, device)
-    class_emb = encode_prompt(pipe, args.class_prompt, device) if args.with_prior_preservation else None
+    # SD 1.x: the text encoder's hidden states; SDXL: both encoders', the pooled embedding and the size/crop time ids
+    with torch.no_grad():
+        instance_emb = encode_text(pipe, args.instance_prompt, device, size=resolution)
+        class_emb = encode_text(pipe, args.class_prompt, device, size=resolution) if args.with_prior_preservation else None
     if not args.validation_prompt:
-        pipe.text_encoder.to("cpu")
+        for te in text_encoders:
+            te.to("cpu")
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     torch.manual_seed(derived_seed(seed, "init") % (2**32))

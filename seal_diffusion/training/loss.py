@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..conditioning import Conditioning
 from ..evaluation import denoising_target
 
 
@@ -41,8 +42,8 @@ class LossSetup:
     network: object
     vae: object
     noise_scheduler: object
-    instance_emb: torch.Tensor
-    class_emb: torch.Tensor | None
+    instance_emb: Conditioning
+    class_emb: Conditioning | None
     prior_loss_weight: float
     schedule: str | None  # alternate | split; None for a plain LoRA
     cached_latents: bool
@@ -70,11 +71,12 @@ class LossSetup:
         timesteps = torch.randint(0, steps, (len(latents),), generator=gen).to(self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         is_prior = is_prior.to(self.device)
-        if self.class_emb is None:
-            ehs = self.instance_emb.expand(len(latents), -1, -1)
-        else:
-            ehs = torch.where(is_prior[:, None, None], self.class_emb, self.instance_emb)
-        pred = model(noisy.to(self.weight_dtype), timesteps, ehs, return_dict=False)[0]
+        cond = self.instance_emb.expand(len(latents))
+        if self.class_emb is not None:  # prior samples take the class prompt's conditioning
+            idx = torch.where(is_prior, 1, 0).to(cond.encoder_hidden_states.device)
+            cond = Conditioning.cat([self.instance_emb, self.class_emb]).index(idx)
+        pred = model(noisy.to(self.weight_dtype), timesteps, **cond.to(dtype=self.weight_dtype).unet_kwargs(),
+                     return_dict=False)[0]
         target = denoising_target(self.noise_scheduler, latents, noise, timesteps)
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         loss = per_sample[~is_prior].mean()
