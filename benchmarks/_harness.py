@@ -30,21 +30,24 @@ CONFIGS = {
     # the real SD 1.5 architecture, random weights, bf16 weights + bf16 autocast (= --mixed_precision bf16)
     "sd15-256": dict(unet="sd15", latent=32, batch=1, bf16=True, label="SD 1.5 arch, 32² latents (256² px), bf16, batch 1"),
     "sd15-512": dict(unet="sd15", latent=64, batch=1, bf16=True, label="SD 1.5 arch, 64² latents (512² px), bf16, batch 1"),
+    # SDXL: tiny-xl (SDXL block layout and module names, 560 targets, tiny widths) and the real SDXL base architecture
+    # at a size a CPU can step (256² px; SDXL trains at 1024² on a GPU)
+    "tiny-xl": dict(unet="tiny-xl", latent=32, batch=4, bf16=False, label="tiny-xl, 32² latents (64² px), fp32, batch 4"),
+    "sdxl-256": dict(unet="sdxl", latent=32, batch=1, bf16=True, label="SDXL arch, 32² latents (256² px), bf16, batch 1"),
 }
 PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 def build_unet(kind: str, seed: int = 0):
-    from seal_diffusion.tiny import TINY_UNET_CONFIG, build_sd15_unet
+    from diffusers import UNet2DConditionModel
 
-    if kind == "tiny":
-        from diffusers import UNet2DConditionModel
+    from seal_diffusion.tiny import TINY_UNET_CONFIG, TINY_XL_UNET_CONFIG, build_sd15_unet, build_sdxl_unet
 
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
+    torch.manual_seed(seed)
+    if kind in ("tiny", "tiny-xl"):
+        unet = UNet2DConditionModel(**(TINY_UNET_CONFIG if kind == "tiny" else TINY_XL_UNET_CONFIG))
     else:
-        torch.manual_seed(seed)
-        unet = build_sd15_unet("cpu", torch.bfloat16)
+        unet = (build_sdxl_unet if kind == "sdxl" else build_sd15_unet)("cpu", torch.bfloat16)
     unet.requires_grad_(False)
     unet.train()
     return unet
@@ -60,7 +63,13 @@ def make_inputs(unet, cfg: dict, n: int = 2, seed: int = 1) -> list[tuple]:
         t = torch.randint(0, 1000, (cfg["batch"],), generator=g)
         ehs = torch.randn(cfg["batch"], 77, c.cross_attention_dim, generator=g).to(dtype)
         target = torch.randn(cfg["batch"], c.out_channels, cfg["latent"], cfg["latent"], generator=g)
-        out.append((x, t, ehs, target))
+        added = None
+        if c.addition_embed_type == "text_time":  # SDXL: pooled text embedding + 6 time ids
+            pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+            added = {"text_embeds": torch.randn(cfg["batch"], pooled, generator=g).to(dtype),
+                     "time_ids": torch.tensor([[8.0 * cfg["latent"]] * 2 + [0.0, 0.0] + [8.0 * cfg["latent"]] * 2]
+                                              * cfg["batch"]).to(dtype)}
+        out.append((x, t, ehs, target, added))
     return out
 
 
@@ -128,10 +137,10 @@ def make_step(adapter: Adapter, inputs: list[tuple], bf16: bool, lr: float = 1e-
     def step():
         i = state["i"]
         adapter.set_step(i)
-        x, t, ehs, target = inputs[i % len(inputs)]
+        x, t, ehs, target, added = inputs[i % len(inputs)]
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         with ctx:
-            pred = unet(x, t, ehs, return_dict=False)[0]
+            pred = unet(x, t, ehs, added_cond_kwargs=added, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), target)
         loss.backward()
         opt.step()
@@ -182,6 +191,8 @@ def step_bench_parser(description: str, sd15_res_default: list[str], sd15_res_he
     p.add_argument("--quick", action="store_true", help="tiny default model only")
     p.add_argument("--sd15", action="store_true", help="also the real SD 1.5 architecture (random weights)")
     p.add_argument("--sd15-res", nargs="+", default=sd15_res_default, choices=["256", "512"], help=sd15_res_help)
+    p.add_argument("--sdxl", action="store_true",
+                   help="also SDXL: tiny-xl, and the real SDXL base architecture at 256² (random weights, ~10 GB RAM)")
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--reps", type=int, default=None, help="timed steps per method (default 12 tiny, 3 SD 1.5)")
     p.add_argument("--warmup", type=int, default=1)
@@ -203,8 +214,9 @@ def start(args) -> tuple[dict, list[str]] | None:
     info = C.machine_info()
     C.print_machine(info)
     configs = ["tiny"] + ([f"sd15-{r}" for r in args.sd15_res] if args.sd15 and not args.quick else [])
+    configs += ["tiny-xl"] + (["sdxl-256"] if not args.quick else []) if args.sdxl else []
     return info, configs
 
 
 def reps_for(args, config: str) -> int:
-    return args.reps or (12 if config == "tiny" else 3)
+    return args.reps or (12 if config.startswith("tiny") else 3)

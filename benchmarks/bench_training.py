@@ -8,6 +8,7 @@ adapter are built, so the peak covers exactly the training steps (see README.md 
 
     python benchmarks/bench_training.py --quick            # tiny default only (~1 min)
     python benchmarks/bench_training.py --sd15             # + real SD 1.5 architecture at 256² and 512² (~5–10 min)
+    python benchmarks/bench_training.py --sdxl             # + tiny-xl and the real SDXL architecture at 256² (~10 min)
     python benchmarks/bench_training.py --sd15 --json out/bench_training.json
 """
 

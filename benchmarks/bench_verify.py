@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Verification speed on a real-size SD 1.5 rank-32 LoRA (128 modules), weights only. Goal: ≤ 0.2 s.
+"""Verification speed on a real-size rank-32 LoRA, weights only: SD 1.5 (128 modules, goal ≤ 0.2 s) or, with
+``--arch sdxl``, SDXL base (560 modules, goal ≤ 0.5 s).
 
-The key is synthetic but full-size: module names and shapes from the SD 1.5 UNet built on the ``meta`` device (no
+The key is synthetic but full-size: module names and shapes from the real UNet built on the ``meta`` device (no
 weights), random A, B and random passports C, C_p; the suspect is that key's exported public LoRA (kohya layout).
 Timed separately, each the median of ``--reps`` runs (files are in the page cache, i.e. warm):
 
@@ -13,7 +14,7 @@ Timed separately, each the median of ``--reps`` runs (files are in the page cach
 Then ``scan`` of ``--files`` files (half exported copies in both layouts, half unrelated random LoRAs) against the key:
 files/s as ``scan`` reports it (pseudo-inverses computed once), vs reading the same files with ``read_lora`` only.
 
-    python benchmarks/bench_verify.py [--reps 7] [--files 20] [--json OUT]
+    python benchmarks/bench_verify.py [--arch sd15|sdxl] [--reps 7] [--files 20] [--json OUT]
 """
 
 from __future__ import annotations
@@ -27,18 +28,19 @@ from pathlib import Path
 
 import _common as C
 
-GOAL_S = 0.2
+GOALS_S = {"sd15": 0.2, "sdxl": 0.5}
+ARCH_NAMES = {"sd15": "SD 1.5", "sdxl": "SDXL"}
 
 
-def synthetic_key(rank: int, seed: int = 0):
+def synthetic_key(rank: int, seed: int = 0, arch: str = "sd15"):
     import torch
 
     from seal_diffusion.keyfile import ModuleKey, SealKey
     from seal_diffusion.network import find_target_modules
     from seal_diffusion.passport import make_passports
-    from seal_diffusion.tiny import build_sd15_unet
+    from seal_diffusion.tiny import build_sd15_unet, build_sdxl_unet
 
-    modules = find_target_modules(build_sd15_unet("meta"))
+    modules = find_target_modules((build_sdxl_unet if arch == "sdxl" else build_sd15_unet)("meta"))
     passports = make_passports(list(modules), rank, b"bench-verify")
     g = torch.Generator().manual_seed(seed)
     keymods = {}
@@ -46,7 +48,7 @@ def synthetic_key(rank: int, seed: int = 0):
         a = torch.randn(rank, lin.in_features, generator=g) / lin.in_features ** 0.5
         b = torch.randn(lin.out_features, rank, generator=g) * 0.01
         keymods[name] = ModuleKey(a, b, *passports[name])
-    return SealKey(keymods, rank, float(rank), base_model="sd15-architecture (random)",
+    return SealKey(keymods, rank, float(rank), base_model=f"{arch}-architecture (random)",
                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]), modules
 
 
@@ -71,6 +73,7 @@ def timeit(fn, reps: int, warmup: int = 1) -> list[float]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="sd15", choices=sorted(GOALS_S), help="UNet architecture (default sd15)")
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--files", type=int, default=20, help="files for the scan benchmark")
@@ -86,10 +89,11 @@ def main(argv=None) -> int:
     from seal_diffusion.verify import (_recover, load_suspect, prepare, sign_flip_neg_log10_p, verify,
                                        verify_path)
 
+    GOAL_S, arch = GOALS_S[args.arch], ARCH_NAMES[args.arch]
     info = C.machine_info()
     C.print_machine(info)
-    print(f"\nbuilding a synthetic SD 1.5 rank-{args.rank} key and its export …", flush=True)
-    key, modules = synthetic_key(args.rank)
+    print(f"\nbuilding a synthetic {arch} rank-{args.rank} key and its export …", flush=True)
+    key, modules = synthetic_key(args.rank, arch=args.arch)
     rows: list[C.Row] = []
     with tempfile.TemporaryDirectory(prefix="seal-bench-verify-") as tmp:
         tmp = Path(tmp)
@@ -168,7 +172,7 @@ def main(argv=None) -> int:
             C.Row(f"scan: whole call incl. key load, {len(files)} files", med(walls), None, "s", "—", None, "none"),
         ]
 
-    C.print_table(f"Verification, SD 1.5 shapes, rank {args.rank}, {len(key.modules)} modules (weights only)", rows)
+    C.print_table(f"Verification, {arch} shapes, rank {args.rank}, {len(key.modules)} modules (weights only)", rows)
     C.write_json(args.json, "bench_verify", info, rows, {"verdict": report.to_json() | {"per_module": "omitted"}})
     return 0
 

@@ -4,8 +4,8 @@ Each file attack takes a :class:`~seal_diffusion.lora_file.LoraFile` and returns
 an ordinary LoRA a thief could publish. Product-preserving obfuscations (rescale, permute, mix, pad-rank, refactor-svd)
 leave ΔW = up·down unchanged and therefore the recovered passport too; the others change ΔW (prune, quantize, noise,
 merge-lora, truncated refactor-svd). ``finetune`` (continued plain-LoRA training) lives in
-:mod:`seal_diffusion.training`; ``merge-checkpoint`` and ``ambiguity`` (forged second passports, checked by the claim
-check) are at the end of this module. All randomness comes from ``seed``.
+:mod:`seal_diffusion.finetune` and starts from :func:`init_from_lora`; ``merge-checkpoint``, ``ambiguity`` (forged
+second passports, checked by the claim check) and :func:`init_from_lora` are at the end of this module. All randomness comes from ``seed``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .lora_file import LoraFile
+from .lora_file import LoraFile, read_lora
 
 Entries = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -217,3 +217,21 @@ def merge_into_checkpoint(lora_path: str | os.PathLike, base: str, out: str | os
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+# -- the fine-tuning attack's start ---------------------------------------------------------------------------------
+def init_from_lora(network, path) -> None:
+    """Load a public LoRA's factors (scale folded into up) into a plain-LoRA network: A = down, B = up / (α/r).
+
+    The fine-tuning attack's starting point: the trainer calls it for ``--init_lora``; the attack's entry point is
+    :func:`seal_diffusion.finetune.finetune_lora`."""
+    lora = read_lora(path)
+    found = lora.by_module(network.module_names)
+    missing = [m for m in network.module_names if m not in found]
+    if len(missing) == len(network.module_names):
+        raise UserError(f"{path}: none of its layers match this base model's attention layers")
+    scale = network.alpha / network.rank
+    factors = {m: found.get(m, (network[m].lora_A.detach().cpu(), network[m].lora_B.detach().cpu() * scale))
+               for m in network.module_names}
+    network.load_factors({m: (d, u / scale) for m, (d, u) in factors.items()})
+

@@ -2,12 +2,17 @@
 
 Accepted sources (``--base MODEL`` / ``--pretrained_model_name_or_path``):
 
-* ``tiny`` — the embedded default (:mod:`seal_diffusion.tiny`), built offline and cached;
+* ``tiny`` — the embedded default (:mod:`seal_diffusion.tiny`), built offline and cached; ``tiny-xl`` — its SDXL
+  counterpart;
 * a local diffusers folder (has ``model_index.json``);
 * a single-file checkpoint ``*.safetensors`` (A1111/ComfyUI style); offline it needs ``config=`` a local diffusers
   folder of the same architecture, otherwise diffusers fetches the config from the hub;
 * a hub id such as ``stable-diffusion-v1-5/stable-diffusion-v1-5`` (downloaded or taken from the local HF cache;
   ``HF_HUB_OFFLINE=1`` keeps it offline).
+
+The model family (SD 1.x or SDXL) is detected, not assumed: from ``model_index.json`` for folders and hub ids, from
+the checkpoint's own tensor names for a single file (SDXL checkpoints hold ``conditioner.embedders.*``), and
+:func:`is_sdxl` tells it from a loaded pipeline. SD 1.5 is the default everywhere.
 
 Pickle checkpoints (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) can run code when loaded, so they are refused unless the
 caller passes ``allow_pickle=True`` (CLI: ``--allow_pickle``). Anything else is one clear :class:`UserError`.
@@ -15,6 +20,7 @@ caller passes ``allow_pickle=True`` (CLI: ``--allow_pickle``). Anything else is 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -26,15 +32,17 @@ from .errors import UserError
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+TINY_NAMES = ("tiny", "tiny-xl")
 ACCEPTED = (
-    "accepted: 'tiny' (embedded default), a hub id like 'stable-diffusion-v1-5/stable-diffusion-v1-5', "
+    "accepted: 'tiny' or 'tiny-xl' (embedded defaults, SD 1.5 / SDXL), a hub id like 'stable-diffusion-v1-5/stable-diffusion-v1-5', "
     "a local diffusers folder (with model_index.json) or a single-file .safetensors checkpoint"
 )
 
 
 @dataclass(frozen=True)
 class BaseSource:
-    """What a ``--base`` string points at. ``kind`` is one of tiny, folder, single_file, hub."""
+    """What a ``--base`` string points at. ``kind`` is one of tiny, folder, single_file, hub (``location`` is
+    ``tiny`` or ``tiny-xl`` for the embedded defaults)."""
 
     kind: str
     location: str
@@ -42,7 +50,7 @@ class BaseSource:
     @property
     def label(self) -> str:
         """A name for model cards and key metadata (never a secret)."""
-        return "tiny" if self.kind == "tiny" else self.location
+        return self.location
 
 
 def resolve_base(source: str | os.PathLike, *, allow_pickle: bool = False) -> BaseSource:
@@ -50,8 +58,8 @@ def resolve_base(source: str | os.PathLike, *, allow_pickle: bool = False) -> Ba
     text = str(source).strip()
     if not text:
         raise UserError(f"base model: empty name; {ACCEPTED}")
-    if text == "tiny":
-        return BaseSource("tiny", "tiny")
+    if text in TINY_NAMES:
+        return BaseSource("tiny", text)
     path = Path(text).expanduser()
     if path.is_dir():
         if (path / "model_index.json").is_file():
@@ -90,28 +98,28 @@ def load_pipeline(
     ``cache_dir`` is the Hugging Face cache for hub ids (default: the HF cache). The safety checker is not loaded:
     this tool trains and verifies, it does not serve images to the public.
     """
-    from diffusers import StableDiffusionPipeline
-
     src = source if isinstance(source, BaseSource) else resolve_base(source, allow_pickle=allow_pickle)
-    kwargs = dict(safety_checker=None, requires_safety_checker=False)
+    if src.kind == "single_file" and config is not None and not (Path(config) / "model_index.json").is_file():
+        raise UserError(f"{config}: --config must be a local diffusers folder with model_index.json")
+    pipeline_cls = pipeline_class(src, config=config)
+    kwargs = dict(safety_checker=None, requires_safety_checker=False) if not _xl(pipeline_cls) else {}
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
     try:
         if src.kind == "tiny":
             from .tiny import tiny_model_dir
 
-            pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir(), local_files_only=True, **kwargs)
+            pipe = pipeline_cls.from_pretrained(tiny_model_dir(xl=src.location == "tiny-xl"), local_files_only=True,
+                                                **kwargs)
         elif src.kind == "folder":
-            pipe = StableDiffusionPipeline.from_pretrained(src.location, local_files_only=True, **kwargs)
+            pipe = pipeline_cls.from_pretrained(src.location, local_files_only=True, **kwargs)
         elif src.kind == "single_file":
-            if config is not None and not (Path(config) / "model_index.json").is_file():
-                raise UserError(f"{config}: --config must be a local diffusers folder with model_index.json")
             extra = {"config": str(config), "local_files_only": True} if config is not None else {}
             if src.location.lower().endswith(PICKLE_SUFFIXES):
                 extra["use_safetensors"] = False
-            pipe = StableDiffusionPipeline.from_single_file(src.location, **extra, **kwargs)
+            pipe = pipeline_cls.from_single_file(src.location, **extra, **kwargs)
         else:  # hub
-            pipe = StableDiffusionPipeline.from_pretrained(src.location, revision=revision, cache_dir=cache_dir, **kwargs)
+            pipe = pipeline_cls.from_pretrained(src.location, revision=revision, cache_dir=cache_dir, **kwargs)
     except UserError:
         raise
     except Exception as exc:
@@ -124,3 +132,54 @@ def load_pipeline(
         raise UserError(f"{src.location}: could not load the base model: {first}{hint}") from exc
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _xl(cls) -> bool:
+    return cls.__name__.startswith("StableDiffusionXL")
+
+
+def pipeline_class(src: BaseSource, *, config: str | os.PathLike | None = None):
+    """``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` for ``src``, without loading weights.
+
+    tiny / tiny-xl by name; a folder (or a single file's ``config`` folder) by its ``model_index.json``; a single file
+    without config by its tensor names (SDXL checkpoints carry ``conditioner.embedders``); a hub id by the
+    ``model_index.json`` in the local HF cache when there is one, else SD 1.x.
+    """
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    def from_index(folder) -> bool | None:
+        index = Path(folder) / "model_index.json"
+        if not index.is_file():
+            return None
+        try:
+            name = json.loads(index.read_text()).get("_class_name", "")
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{index}: unreadable model_index.json ({exc})") from exc
+        return "XL" in name
+
+    xl: bool | None = None
+    if src.kind == "tiny":
+        xl = src.location == "tiny-xl"
+    elif src.kind == "folder":
+        xl = from_index(src.location)
+    elif src.kind == "single_file":
+        xl = from_index(config) if config is not None else None
+        if xl is None and src.location.lower().endswith(".safetensors"):
+            from .fileio import safe_open_keys
+
+            xl = any(k.startswith("conditioner.embedders.") for k in safe_open_keys(Path(src.location)))
+    elif src.kind == "hub":
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(src.location, "model_index.json")
+            xl = from_index(Path(cached).parent) if isinstance(cached, str) else None
+        except Exception:  # noqa: BLE001 — a cache probe only; the load itself reports real problems
+            xl = None
+    return StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+
+
+def is_sdxl(pipe_or_unet) -> bool:
+    """True for an SDXL pipeline or UNet (the ``text_time`` added conditioning: pooled text + size/crop ids)."""
+    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    return getattr(unet.config, "addition_embed_type", None) == "text_time"

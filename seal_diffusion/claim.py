@@ -59,7 +59,7 @@ def fidelity_measurements(key: SealKey, base, data: str | os.PathLike, prompt: s
     from .base_model import load_pipeline
     from .compare import default_size, generate, seal_network_for
     from .metrics import mean_std, psnr, ssim
-    from .training import heldout_batch, heldout_denoising_loss
+    from .evaluation import heldout_batch, heldout_denoising_loss
 
     pipe = base if not isinstance(base, (str, os.PathLike)) else load_pipeline(base, config=config)
     latents, ehs = heldout_batch(pipe, data, prompt)
@@ -135,7 +135,8 @@ def check_claim(
 # -- the ambiguity attack: forge a second passport ------------------------------------------------------------------
 def _with_passport_p(key: SealKey, new_p: dict[str, torch.Tensor]) -> SealKey:
     modules = {n: ModuleKey(mk.lora_A, mk.lora_B, mk.passport, new_p[n].float()) for n, mk in key.modules.items()}
-    return SealKey(modules, key.rank, key.alpha, key.base_model, key.target_modules, key.passport_source)
+    return SealKey(modules, key.rank, key.alpha, key.base_model, key.target_modules, key.passport_source,
+                   architecture=key.architecture)
 
 
 def forge_passport_p(key: SealKey, mode: str = "gamma", gamma: float = 0.5, seed: int = 0, *, base=None,
@@ -169,7 +170,7 @@ def forge_passport_p(key: SealKey, mode: str = "gamma", gamma: float = 0.5, seed
 def _optimise_passport_p(key, init, base, data, prompt, steps, seed):
     from .base_model import load_pipeline
     from .compare import seal_network_for
-    from .training import heldout_batch, training_noise_scheduler
+    from .evaluation import heldout_batch, training_noise_scheduler
 
     if data is None:
         raise UserError("ambiguity --mode optimised needs --data (subject images)")
@@ -191,7 +192,7 @@ def _optimise_passport_p(key, init, base, data, prompt, steps, seed):
         for _ in range(steps):
             noise = torch.randn(latents.shape, generator=g)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g)
-            pred = pipe.unet(scheduler.add_noise(latents, noise, t), t, ehs.expand(latents.shape[0], -1, -1)).sample
+            pred = pipe.unet(scheduler.add_noise(latents, noise, t), t, **ehs.expand(latents.shape[0]).unet_kwargs()).sample
             loss = torch.nn.functional.mse_loss(pred, noise)
             opt.zero_grad()
             loss.backward()

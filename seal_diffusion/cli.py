@@ -6,13 +6,13 @@ Errors in the user's input are one line on stderr and exit code 2 (``--debug`` s
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from .cpu import short_openmp_spin
 from .demo import DEMO_STEPS
 from .errors import UserError
+from .quiet import quiet_libraries
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,30 +22,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _quiet_libraries() -> None:
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*torchvision.*")
-    try:  # model-loading bars ("Loading pipeline components", "Loading weights") are noise in a CLI
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
-
-        diffusers_logging.disable_progress_bar()
-        transformers_logging.disable_progress_bar()
-    except ImportError:
-        pass
-
-
 # -- commands ------------------------------------------------------------------------------------------------------
 def cmd_tiny_model(args) -> int:
     from .tiny import write_tiny_model
 
-    out = write_tiny_model(args.out)
-    print(f"wrote the embedded default model to {out} (load with StableDiffusionPipeline.from_pretrained)")
+    out = write_tiny_model(args.out, xl=args.xl)
+    cls = "StableDiffusionXLPipeline" if args.xl else "StableDiffusionPipeline"
+    print(f"wrote the embedded {'SDXL ' if args.xl else ''}default model to {out} (load with {cls}.from_pretrained)")
     return 0
 
 
@@ -133,7 +116,7 @@ def cmd_attack(args) -> int:
         out = attacks.merge_into_checkpoint(args.input, args.base, args.output, weight=args.weight,
                                             config=args.config, overwrite=args.overwrite)
     elif method == "finetune":
-        from .training import finetune_lora
+        from .finetune import finetune_lora
 
         out = finetune_lora(args.input, args.output, data=args.data, base=args.base or "tiny", steps=args.steps,
                             learning_rate=args.lr, seed=args.seed, overwrite=args.overwrite, config=args.config)
@@ -183,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tiny-model", help="write the embedded default model as a diffusers folder")
     p.add_argument("--out", required=True, help="folder to write (replaced if it exists)")
+    p.add_argument("--xl", action="store_true", help="write tiny-xl, the SDXL-shaped default, instead of tiny")
     p.set_defaults(func=cmd_tiny_model)
 
     p = sub.add_parser("train", help="train a SEAL LoRA (same as accelerate launch train_dreambooth_seal.py ARGS)",
@@ -292,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     short_openmp_spin()  # before torch's import
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":  # everything after `train` belongs to the trainer's own parser (incl. --help)
-        _quiet_libraries()
+        quiet_libraries()
         from .training import main as train_main
 
         return train_main(argv[1:])
@@ -301,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    _quiet_libraries()
+    quiet_libraries()
     try:
         return int(args.func(args) or 0)
     except UserError as exc:

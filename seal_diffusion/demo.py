@@ -52,7 +52,7 @@ def run_demo(out_dir: str | os.PathLike = "demo-out", *, steps: int = DEMO_STEPS
     from .lora_file import read_lora
     from .plots import plot_spectra
     from .subject import write_subject
-    from .training import heldout_batch, heldout_denoising_loss
+    from .evaluation import heldout_batch, heldout_denoising_loss
     from .verify import Suspect, verify, verify_path
 
     say = progress or (lambda *_: None)

@@ -3,8 +3,9 @@
 Layout (``../shared/spec.md``): for each adapted module ``m`` (diffusers module path) the tensors ``m.lora_A`` (r×in),
 ``m.lora_B`` (out×r), ``m.passport`` (C) and ``m.passport_p`` (C_p), all float32; string metadata ``format=sealkey``,
 ``version``, ``rank``, ``alpha``, ``base_model``, ``target_modules`` (JSON list), ``passport_source``, ``commitment``,
-``created`` and, for a passphrase run, ``secret_kdf`` (the scrypt salt: private, like everything here). ΔW of module m
-with passport C_t is ``(alpha/rank) · lora_B @ C_t @ lora_A``.
+``created``, ``architecture`` (kohya's ``ss_base_model_version`` value: ``sd_v1`` or ``sdxl_base_v1-0``; keys
+written before it existed are ``sd_v1``) and, for a passphrase run, ``secret_kdf`` (the scrypt salt: private, like
+everything here). ΔW of module m with passport C_t is ``(alpha/rank) · lora_B @ C_t @ lora_A``.
 
 The **commitment** is SHA-256 over a header (``sealkey-commitment-v1``, rank, alpha) followed by every tensor in sorted
 name order (name, dtype, shape, raw little-endian bytes). Publish it with the LoRA *before* release: a later claimant
@@ -52,6 +53,7 @@ class SealKey:
     passport_source: str = "random"
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
     version: str = VERSION
+    architecture: str = "sd_v1"  # sd_v1 | sdxl_base_v1-0 (kohya's ss_base_model_version values)
     secret_kdf: str = ""  # passphrase runs: "scrypt:n=…,r=…,p=…:salt=HEX" (private; see passport.derive_secret)
 
     @property
@@ -67,8 +69,11 @@ class SealKey:
                             passports[name][1].float().contiguous())
             for name, (a, b) in network.factors().items()
         }
+        from .base_model import is_sdxl
+
+        arch = "sdxl_base_v1-0" if is_sdxl(network.unet) else "sd_v1"
         return cls(modules, network.rank, network.alpha, base_model, list(network.targets), passport_source,
-                   secret_kdf=getattr(network, "secret_kdf", ""))
+                   architecture=arch, secret_kdf=getattr(network, "secret_kdf", ""))
 
     def tensors(self, *, copy: bool = True) -> dict[str, torch.Tensor]:
         """The file's tensors (float32, CPU, contiguous); ``copy=False`` skips the defensive clone (read-only use)."""
@@ -98,6 +103,7 @@ class SealKey:
             "passport_source": self.passport_source,
             "commitment": self.commitment(),
             "created": self.created,
+            "architecture": self.architecture,
             **({"secret_kdf": self.secret_kdf} if self.secret_kdf else {}),
         }
 
@@ -151,7 +157,7 @@ class SealKey:
             modules[name] = ModuleKey(a.float(), b.float(), c.float(), cp.float())
         key = cls(modules, rank, alpha, meta.get("base_model", "unknown"), targets,
                   meta.get("passport_source", "random"), meta.get("created", ""), meta["version"],
-                  meta.get("secret_kdf", ""))
+                  meta.get("architecture", "sd_v1"), meta.get("secret_kdf", ""))
         if key.commitment() != stored_commitment:
             raise UserError(f"{path}: key file commitment does not match its contents (tampered or corrupted)")
         return key

@@ -111,6 +111,10 @@ class SealNetwork(nn.Module):
 
     # -- access ---------------------------------------------------------------------------------------------------
     @property
+    def unet(self) -> nn.Module:
+        return self._unet[0]
+
+    @property
     def module_names(self) -> list[str]:
         return list(self._layers)
 

@@ -88,6 +88,22 @@ def passphrase_warning(passphrase: str) -> str | None:
     return None
 
 
+def owner_secret(passphrase: str | None, checkpoint_state: dict | None, warn) -> tuple[bytes, str]:
+    """The trainer's (32-byte secret, private salt record): OS randomness by default; scrypt(passphrase, salt) with
+    ``--secret`` (a fresh salt, or the checkpoint's when resuming). Never from anything a user may publish (the seed)."""
+    if passphrase is None:
+        return new_secret(), ""
+    why = passphrase_warning(passphrase)
+    if why:
+        warn(why)
+    record = (checkpoint_state or {}).get("secret_kdf") or ""
+    if checkpoint_state is not None and not record:
+        raise UserError("--secret: the checkpoint holds no passphrase salt (trained without --secret, or by an older "
+                        "version); resume without --secret, the passports come from the checkpoint")
+    salt, params = parse_kdf_record(record) if record else (new_salt(), None)
+    return derive_secret(passphrase, salt, params), kdf_record(salt, params)
+
+
 def init_generator(secret: bytes) -> torch.Generator:
     """The generator of A's initialisation, drawn from the secret (not from the public or guessable ``--seed``)."""
     digest = hashlib.sha256(b"seal-init\0" + secret).digest()

@@ -5,7 +5,7 @@
 1. **Pruning** (paper Fig. 3): magnitude pruning of the factors and of ΔW at growing ratios → −log10 p, and fidelity:
    the held-out denoising loss on the subject with the attacked LoRA (:func:`lora_heldout_loss`), reported as the
    share of the release's improvement over the base that is retained, ``(L_base − L_attacked) / (L_base − L_release)``.
-2. **Fine-tuning**: continued plain-LoRA training from the release (:func:`seal_diffusion.training.finetune_lora`) for
+2. **Fine-tuning**: continued plain-LoRA training from the release (:func:`seal_diffusion.finetune.finetune_lora`) for
    growing step counts → −log10 p, per-module evidence and per-module relative change ‖ΔW_ft − ΔW‖/‖ΔW‖ (computed from
    the factors, ΔW never formed), and two **weighted** pooled statistics that lean on the quiet layers (below).
 3. **Ambiguity** (paper Fig. 4): forged second passports ``(1−γ)·C_p + γ·R`` for γ ∈ [0, 1] → the claim check's
@@ -196,7 +196,7 @@ def lora_heldout_loss(pipe, factors: Factors, latents, encoder_hidden_states, *,
     is left exactly as it was.
     """
     from .network import DEFAULT_TARGETS, SealNetwork
-    from .training import heldout_denoising_loss
+    from .evaluation import heldout_denoising_loss
 
     rank = max(d.shape[0] for d, _ in factors.values())
     net = SealNetwork(pipe.unet, rank, alpha=rank, passports=None, targets=tuple(targets or DEFAULT_TARGETS))
@@ -220,7 +220,7 @@ def lora_heldout_loss(pipe, factors: Factors, latents, encoder_hidden_states, *,
 
 class _Fidelity:
     def __init__(self, pipe, key: SealKey, data, prompt: str, n_timesteps: int):
-        from .training import heldout_batch, heldout_denoising_loss
+        from .evaluation import heldout_batch, heldout_denoising_loss
 
         self.pipe, self.n_timesteps = pipe, n_timesteps
         self.targets = tuple(key.target_modules) or None
@@ -252,7 +252,7 @@ class _ClaimBench:
                  steps: int = 10):
         from .claim import DEFAULT_MAX_GAP, DEFAULT_MIN_SSIM, DEFAULT_TOL
         from .compare import default_size, generate, seal_network_for
-        from .training import heldout_denoising_loss
+        from .evaluation import heldout_denoising_loss
 
         self.max_gap, self.min_ssim = DEFAULT_MAX_GAP, DEFAULT_MIN_SSIM
         self.pipe, self.key, self.latents, self.ehs, self.n_timesteps = pipe, key, latents, ehs, n_timesteps
@@ -541,7 +541,7 @@ def _advance(tick: _Ticker, done: int, label: str) -> None:
 
 
 def _finetune(lora_path, out, data, base, steps, lr, seed, config, prompt, callback) -> Path:
-    from .training import finetune_lora
+    from .finetune import finetune_lora
 
     return finetune_lora(lora_path, out, data=data, base=base, steps=steps, learning_rate=lr, seed=seed,
                          overwrite=True, config=config, instance_prompt=prompt, progress_callback=callback)

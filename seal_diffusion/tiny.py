@@ -6,8 +6,14 @@ tests use a pipeline with the same module names as SD 1.5 (``down_blocks.0.atten
 second) and cached as an ordinary diffusers folder under ``$SEAL_DIFFUSION_CACHE`` (default
 ``~/.cache/seal-diffusion``).
 
+``tiny-xl`` is the same idea for SDXL (:func:`build_tiny_xl_pipeline`): the SDXL UNet's block layout and module names
+(three levels, 1/2/10 transformer blocks, 140 Attention modules, the ``text_time`` added conditioning), two text
+encoders (the second with a projection, giving the pooled embedding) and an Euler scheduler with SDXL's settings, at
+tiny widths and with seeded random weights.
+
 Also here, for tests and benchmarks: a tiny UNet whose attention has added K/V projections (SimpleCrossAttn blocks, as
-in DeepFloyd IF and Kandinsky), and the real SD 1.5 UNet architecture from its config with random (or meta) weights.
+in DeepFloyd IF and Kandinsky), and the real SD 1.5 and SDXL UNet architectures from their configs with random (or
+meta) weights.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from pathlib import Path
 import torch
 
 TINY_NAME = "tiny"
+TINY_XL_NAME = "tiny-xl"
 TINY_VERSION = "v1"  # bump when the recipe changes, so old caches are not reused
 TINY_SEED = 20250116  # the SEAL paper's arXiv month, nothing deeper
 
@@ -59,6 +66,50 @@ TINY_UNET_CONFIG = dict(
     cross_attention_dim=32,
     attention_head_dim=8,
     norm_num_groups=32,
+)
+
+# The real SDXL base UNet (2.57 B params, 140 Attention modules, 560 to_q/k/v/out.0 Linear layers).
+SDXL_UNET_CONFIG = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32,
+)
+
+# tiny-xl: SDXL's block types and transformer depths (so the same module names), tiny widths. The added conditioning
+# is the pooled text embedding (text_encoder_2's projection, 32) plus 6 time ids × 8 = 80 inputs; the cross-attention
+# context is both encoders' hidden states side by side (32 + 32 = 64).
+TINY_XL_UNET_CONFIG = dict(
+    SDXL_UNET_CONFIG,
+    sample_size=32,
+    block_out_channels=(32, 64, 64),
+    attention_head_dim=(2, 4, 4),
+    cross_attention_dim=64,
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=80,
+)
+
+# SDXL's scheduler settings (Euler, scaled-linear betas, leading spacing), shared by tiny-xl and real SDXL pipelines.
+SDXL_SCHEDULER = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    steps_offset=1,
+    timestep_spacing="leading",
+    interpolation_type="linear",
+    use_karras_sigmas=False,
 )
 
 TINY_ADDED_KV_UNET_CONFIG = dict(
@@ -104,14 +155,24 @@ def tiny_tokenizer():
 
 def build_tiny_components(seed: int = TINY_SEED) -> dict:
     """Build the tiny pipeline's components from configs with seeded random weights (same bytes on every machine)."""
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
+    vae = _tiny_vae()
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(_tiny_text_config(tokenizer))
+    scheduler = PNDMScheduler(**SD15_SCHEDULER)
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+def _tiny_vae(**extra):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
@@ -121,9 +182,14 @@ def build_tiny_components(seed: int = TINY_SEED) -> dict:
         latent_channels=4,
         norm_num_groups=32,
         sample_size=64,
+        **extra,
     )
-    torch.manual_seed(seed + 2)
-    text_config = CLIPTextConfig(
+
+
+def _tiny_text_config(tokenizer, **extra):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
         vocab_size=1000,
         hidden_size=32,
         intermediate_size=37,
@@ -134,10 +200,34 @@ def build_tiny_components(seed: int = TINY_SEED) -> dict:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **extra,
     )
-    text_encoder = CLIPTextModel(text_config)
-    scheduler = PNDMScheduler(**SD15_SCHEDULER)
-    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+def build_tiny_xl_components(seed: int = TINY_SEED) -> dict:
+    """The tiny-xl pipeline's components (SDXL layout, tiny widths, seeded weights; same bytes on every machine)."""
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer, tokenizer_2 = tiny_tokenizer(), tiny_tokenizer()
+    torch.manual_seed(seed + 10)
+    unet = UNet2DConditionModel(**TINY_XL_UNET_CONFIG)
+    torch.manual_seed(seed + 11)
+    vae = _tiny_vae(scaling_factor=0.13025, force_upcast=False)
+    torch.manual_seed(seed + 12)
+    text_encoder = CLIPTextModel(_tiny_text_config(tokenizer))
+    torch.manual_seed(seed + 13)
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(tokenizer_2, projection_dim=32))
+    scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER)
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                tokenizer_2=tokenizer_2, scheduler=scheduler)
+
+
+def build_tiny_xl_pipeline(seed: int = TINY_SEED):
+    """A fresh tiny ``StableDiffusionXLPipeline`` (not cached; no invisible-watermark post-processing)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline(**build_tiny_xl_components(seed), add_watermarker=False)
 
 
 def build_tiny_pipeline(seed: int = TINY_SEED):
@@ -149,8 +239,9 @@ def build_tiny_pipeline(seed: int = TINY_SEED):
     )
 
 
-def write_tiny_model(out: str | os.PathLike) -> Path:
-    """Write the embedded default as a diffusers folder (``StableDiffusionPipeline.from_pretrained(out)`` loads it).
+def write_tiny_model(out: str | os.PathLike, *, xl: bool = False) -> Path:
+    """Write the embedded default (``xl``: tiny-xl) as a diffusers folder that ``StableDiffusionPipeline`` (or
+    ``StableDiffusionXLPipeline``) ``.from_pretrained(out)`` loads.
 
     The folder is written to a temp sibling and renamed into place, so a crash never leaves half a model.
     """
@@ -158,7 +249,7 @@ def write_tiny_model(out: str | os.PathLike) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        build_tiny_pipeline().save_pretrained(tmp, safe_serialization=True)
+        (build_tiny_xl_pipeline() if xl else build_tiny_pipeline()).save_pretrained(tmp, safe_serialization=True)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -168,12 +259,12 @@ def write_tiny_model(out: str | os.PathLike) -> Path:
     return out
 
 
-def tiny_model_dir() -> Path:
-    """The cached diffusers folder of the embedded default, built on first use."""
-    target = cache_dir() / f"tiny-sd15-{TINY_VERSION}"
+def tiny_model_dir(xl: bool = False) -> Path:
+    """The cached diffusers folder of the embedded default (``xl``: tiny-xl), built on first use."""
+    target = cache_dir() / (f"tiny-sdxl-{TINY_VERSION}" if xl else f"tiny-sd15-{TINY_VERSION}")
     if not (target / "model_index.json").exists():
         try:
-            write_tiny_model(target)
+            write_tiny_model(target, xl=xl)
         except OSError:
             # another process may have won the race to the rename; use its folder if complete
             if not (target / "model_index.json").exists():
@@ -195,4 +286,13 @@ def build_sd15_unet(device: str | torch.device = "meta", dtype: torch.dtype = to
 
     with torch.device(device):
         unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+    return unet.to(dtype) if device != "meta" else unet
+
+
+def build_sdxl_unet(device: str | torch.device = "meta", dtype: torch.dtype = torch.float32):
+    """The real SDXL base UNet architecture with random weights; on ``meta`` (default) only names and shapes exist."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device(device):
+        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
     return unet.to(dtype) if device != "meta" else unet

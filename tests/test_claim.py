@@ -53,7 +53,7 @@ def test_wrong_commitment_and_trivial_claims_fail(owner_run):
 def test_finetune_attack_keeps_watermark_and_starts_from_the_file(owner_run, tmp_path):
     """Continued plain-LoRA training from the release, as long as the original run: still detected."""
     from seal_diffusion.lora_file import read_lora
-    from seal_diffusion.training import finetune_lora
+    from seal_diffusion.finetune import finetune_lora
     from seal_diffusion.verify import verify_path
 
     out = finetune_lora(owner_run["lora"], tmp_path / "ft.safetensors", data=owner_run["data"], steps=60,

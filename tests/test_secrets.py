@@ -71,10 +71,10 @@ def _residual(public, init) -> float:
 
 def _inits(unet, generator=None, seed=None) -> dict:
     from seal_diffusion.network import SealNetwork
-    from seal_diffusion.training import _derived_seed
+    from seal_diffusion.training.data import derived_seed
 
     if seed is not None:  # what the trainer did before: the global RNG seeded from --seed
-        torch.manual_seed(_derived_seed(seed, "init") % (2**32))
+        torch.manual_seed(derived_seed(seed, "init") % (2**32))
     net = SealNetwork(unet, RANK, None, generator=generator)
     factors = {m: a for m, (a, _) in net.factors().items()}
     net.remove()

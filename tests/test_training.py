@@ -18,14 +18,8 @@ from seal_diffusion.errors import UserError
 from seal_diffusion.fileio import load_safetensors
 from seal_diffusion.keyfile import SealKey
 from seal_diffusion.lora_file import read_lora
-from seal_diffusion.training import (
-    heldout_batch,
-    heldout_denoising_loss,
-    main,
-    parse_args,
-    train,
-    training_noise_scheduler,
-)
+from seal_diffusion.evaluation import heldout_batch, heldout_denoising_loss, training_noise_scheduler
+from seal_diffusion.training import main, parse_args, train
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "a photo of sks cat"

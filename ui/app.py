@@ -62,7 +62,7 @@ PLAIN_PAIRS = {
     ("C", "base"): "what your LoRA changes",
     ("C_p", "base"): "what your LoRA changes with the second passport",
 }
-PHOTO_TYPES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # = training.IMAGE_SUFFIXES
+PHOTO_TYPES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # = seal_diffusion.images.IMAGE_SUFFIXES
 
 CSS = """
 .seal-warning { border: 2px solid #d97706; border-radius: 8px; padding: 4px 14px; background: #fffbeb; }
@@ -241,7 +241,8 @@ class Handlers:
               batch_size=None, seed=None, request: gr.Request = None, progress=gr.Progress()):
         from seal_diffusion.base_model import resolve_base
         from seal_diffusion.subject import write_subject
-        from seal_diffusion.training import IMAGE_SUFFIXES, parse_args, train
+        from seal_diffusion.images import IMAGE_SUFFIXES
+        from seal_diffusion.training import parse_args, train
 
         base = (base or "").strip() or self.base
         src = resolve_base(base)  # a typo'd base fails here, before anything is written

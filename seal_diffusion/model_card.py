@@ -1,0 +1,66 @@
+"""The public model card (``README.md`` next to the LoRA files): a generic DreamBooth LoRA card.
+
+Nothing in it names the method or reveals a passport, a secret, a seed or a local path.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def public_base_label(src) -> str:
+    """The base model's name for the public model card: hub id, or just the file/folder name (no local paths)."""
+    return src.location if src.kind == "hub" else Path(src.location).name if src.kind != "tiny" else "tiny"
+
+
+def model_card(name: str, base: str, args, steps: int, resolution: int) -> str:
+    """A generic DreamBooth LoRA model card (nothing about passports, secrets, seeds or the method)."""
+    prior = f"yes (class prompt: `{args.class_prompt}`)" if args.with_prior_preservation else "no"
+    return f"""---
+base_model: {base}
+library_name: diffusers
+instance_prompt: {json.dumps(args.instance_prompt)}
+tags:
+- text-to-image
+- stable-diffusion
+- diffusers
+- lora
+---
+
+# {name}
+
+LoRA weights for `{base}`, trained with DreamBooth on the instance prompt `{args.instance_prompt}`.
+
+## Trigger words
+
+Use `{args.instance_prompt}` in your prompt.
+
+## Files
+
+- `{name}.safetensors` — kohya layout (ComfyUI, AUTOMATIC1111, kohya tools)
+- `pytorch_lora_weights.safetensors` — diffusers layout
+
+## Use with diffusers
+
+```python
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained("{base}")
+pipe.load_lora_weights("path/to/this/folder")
+image = pipe({json.dumps(args.instance_prompt)}).images[0]
+```
+
+## Training settings
+
+| setting | value |
+|---|---|
+| rank | {args.rank} |
+| steps | {steps} |
+| learning rate | {args.learning_rate:g} |
+| lr schedule | {args.lr_scheduler} (warmup {args.lr_warmup_steps}) |
+| batch size | {args.train_batch_size} × {args.gradient_accumulation_steps} accumulation |
+| resolution | {resolution} |
+| prior preservation | {prior} |
+| mixed precision | {args.mixed_precision or "no"} |
+"""
+

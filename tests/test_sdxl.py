@@ -1,0 +1,118 @@
+"""SDXL support: the embedded tiny-xl default and model-family detection."""
+
+import json
+
+import torch
+
+from seal_diffusion.base_model import is_sdxl, load_pipeline, pipeline_class, resolve_base
+from seal_diffusion.network import find_target_modules
+from seal_diffusion.tiny import build_sdxl_unet, build_tiny_xl_components, write_tiny_model
+
+
+def test_tiny_xl_has_sdxl_module_names_and_conditioning(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    full = find_target_modules(build_sdxl_unet())
+    assert len(full) == 560  # SDXL base: 140 Attention modules × to_q/k/v/out.0
+    out = write_tiny_model(tmp_path / "txl", xl=True)
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+    pipe = StableDiffusionXLPipeline.from_pretrained(out, local_files_only=True)
+    tiny = find_target_modules(pipe.unet)
+    assert list(tiny) == list(full)  # same names, same order
+    assert is_sdxl(pipe) and pipe.text_encoder_2.config.projection_dim == 32
+    # the added conditioning really is SDXL's: pooled text embedding + 6 time ids
+    image = pipe("a photo of sks cat", num_inference_steps=2, height=64, width=64, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 64, 64, 3) and float(image.std()) > 0
+
+
+def test_tiny_xl_is_deterministic():
+    a, b = build_tiny_xl_components()["unet"], build_tiny_xl_components()["unet"]
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_family_detection(tmp_path):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    assert pipeline_class(resolve_base("tiny-xl")) is StableDiffusionXLPipeline
+    assert pipeline_class(resolve_base("tiny")) is StableDiffusionPipeline
+    pipe = load_pipeline("tiny-xl")
+    assert isinstance(pipe, StableDiffusionXLPipeline) and not is_sdxl(load_pipeline("tiny"))
+    # a single-file SDXL checkpoint is recognised by its own tensor names
+    from safetensors.torch import save_file
+
+    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2)}, str(tmp_path / "xl.safetensors"))
+    save_file({"model.diffusion_model.out.0.weight": torch.zeros(2)}, str(tmp_path / "sd.safetensors"))
+    assert pipeline_class(resolve_base(tmp_path / "xl.safetensors")) is StableDiffusionXLPipeline
+    assert pipeline_class(resolve_base(tmp_path / "sd.safetensors")) is StableDiffusionPipeline
+
+
+def test_conditioning_matches_generation_for_both_families():
+    from seal_diffusion.conditioning import encode_text
+
+    sd = load_pipeline("tiny")
+    cond = encode_text(sd, "a photo of sks cat")
+    ids = sd.tokenizer("a photo of sks cat", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(cond.encoder_hidden_states, sd.text_encoder(ids)[0])  # SD 1.x: last hidden states
+    assert set(cond.unet_kwargs()) == {"encoder_hidden_states"}
+
+    xl = load_pipeline("tiny-xl")
+    cond = encode_text(xl, ["a photo of sks cat", "a dog"]).to(dtype=torch.float32)
+    assert cond.encoder_hidden_states.shape == (2, 77, 64) and cond.text_embeds.shape == (2, 32)
+    assert cond.time_ids.tolist()[0] == [64.0, 64.0, 0.0, 0.0, 64.0, 64.0]
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = xl.unet(latents, torch.tensor([10, 500]), **cond.unet_kwargs()).sample
+        one = xl.unet(latents[:1], torch.tensor([10]), **cond.index(slice(0, 1)).unet_kwargs()).sample
+    assert out.shape == latents.shape and torch.allclose(out[:1], one, atol=1e-5)
+    # the pooled embedding and the time ids really reach the UNet
+    moved = cond.index(slice(0, 1))
+    moved.time_ids = moved.time_ids * 2
+    with torch.no_grad():
+        other = xl.unet(latents[:1], torch.tensor([10]), **moved.unet_kwargs()).sample
+    assert not torch.allclose(one, other)
+
+
+def test_sdxl_dreambooth_run_exports_and_verifies(tmp_path, subject_dir):
+    """Train SEAL on tiny-xl (prior preservation, SDXL conditioning), export, reload in the SDXL pipeline, verify."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from seal_diffusion.keyfile import SealKey
+    from seal_diffusion.training import parse_args, train
+    from seal_diffusion.verify import verify_path
+
+    out = tmp_path / "run"
+    args = parse_args(["--pretrained_model_name_or_path", "tiny-xl", "--instance_data_dir", str(subject_dir),
+                       "--instance_prompt", "a photo of sks cat", "--output_dir", str(out), "--output_name", "cat",
+                       "--rank", "4", "--max_train_steps", "4", "--learning_rate", "2e-3", "--seed", "0",
+                       "--cache_latents", "--train_batch_size", "2", "--with_prior_preservation",
+                       "--class_prompt", "a photo of a cat", "--class_data_dir", str(tmp_path / "class"),
+                       "--num_class_images", "2", "--secret", "sdxl test"])
+    result = train(args)
+    net = result["network"]
+    key = SealKey.load(out / "cat.sealkey")
+    assert key.architecture == "sdxl_base_v1-0" and len(key.modules) == 560
+    assert any(float(layer.lora_B.detach().abs().max()) > 0 for _, layer in net.items())  # it trained
+    assert verify_path(key, out / "cat.safetensors").detected
+
+    # the diffusers-layout export loads in StableDiffusionXLPipeline and gives the patched network's output (C)
+    pipe = result["pipeline"]
+    g = torch.Generator().manual_seed(3)
+    latents = torch.randn(1, 4, 32, 32, generator=g)
+    from seal_diffusion.conditioning import encode_text
+
+    cond = encode_text(pipe, "a photo of sks cat")
+    t = torch.tensor([500])
+    with torch.no_grad(), net.passport("C"):
+        want = pipe.unet(latents, t, **cond.unet_kwargs()).sample
+    net.remove()
+    from seal_diffusion.tiny import tiny_model_dir
+
+    fresh = StableDiffusionXLPipeline.from_pretrained(tiny_model_dir(xl=True), local_files_only=True)
+    fresh.load_lora_weights(str(out))
+    with torch.no_grad():
+        got = fresh.unet(latents, t, **cond.unet_kwargs()).sample
+        base = load_pipeline("tiny-xl").unet(latents, t, **cond.unet_kwargs()).sample
+    assert float((got - want).norm() / want.norm()) <= 1e-5
+    assert float((base - want).norm()) > 0  # the LoRA does change the output
