@@ -23,6 +23,7 @@ in the real UNet at training time. The same formulas give SDXL's names (3 levels
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 
@@ -93,8 +94,21 @@ def ldm_names(modules: Iterable[str], unet_config: Mapping | None = None) -> dic
 
 
 def candidate_names(modules: Iterable[str], unet_config: Mapping | None = None) -> dict[str, str]:
-    """``{name a file may use: diffusers path}``: the path itself, its kohya stem, its LDM path and LDM kohya stem."""
-    modules = list(modules)
+    """``{name a file may use: diffusers path}``: the path itself, its kohya stem, its LDM path and LDM kohya stem.
+
+    Without a config the result is cached per module list (``scan`` asks once per file and key); do not modify it.
+    """
+    if unet_config is None:
+        return _candidate_names_cached(tuple(modules))
+    return _candidate_names(list(modules), unet_config)
+
+
+@functools.lru_cache(maxsize=32)
+def _candidate_names_cached(modules: tuple[str, ...]) -> dict[str, str]:
+    return _candidate_names(list(modules), None)
+
+
+def _candidate_names(modules: list[str], unet_config: Mapping | None) -> dict[str, str]:
     ldm = ldm_names(modules, unet_config)
     out: dict[str, str] = {}
     for m in modules:
