@@ -194,7 +194,7 @@ def merge_into_checkpoint(lora_path: str | os.PathLike, base: str, out: str | os
 
     out = Path(out)
     if out.exists() and not overwrite:
-        raise UserError(f"{out}: already exists; refusing to overwrite it (pass --overwrite)")
+        raise UserError(f"{out}: already exists; refusing to overwrite it (pass --force)")
     pipe = load_pipeline(base, config=config)
     modules = [n for n, m in pipe.unet.named_modules() if isinstance(m, torch.nn.Linear)]
     factors = read_lora(lora_path).by_module(modules)

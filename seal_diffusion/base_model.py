@@ -75,6 +75,19 @@ def resolve_base(source: str | os.PathLike, *, allow_pickle: bool = False) -> Ba
     raise UserError(f"{text}: no such file or folder, and not a hub id (owner/name); {ACCEPTED}")
 
 
+def config_from_base(base: str | os.PathLike | None) -> str | None:
+    """The local diffusers folder that gives a single-file model's configs when ``base`` names one: the embedded
+    default's folder for ``tiny``, the folder itself for a diffusers folder; else None."""
+    if base is None:
+        return None
+    if str(base) == "tiny":
+        from .tiny import tiny_model_dir
+
+        return str(tiny_model_dir())
+    path = Path(base).expanduser()
+    return str(path) if (path / "model_index.json").is_file() else None
+
+
 def load_pipeline(
     source: str | os.PathLike | BaseSource = "tiny",
     *,
@@ -118,7 +131,8 @@ def load_pipeline(
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = ""
         if src.kind == "single_file" and config is None:
-            hint = " (offline, a single file needs --config pointing at a local diffusers folder of the same model)"
+            hint = (" (its configs are missing: offline, a single-file model needs --config, a local diffusers folder"
+                    " of the same architecture, or a --base that is one)")
         elif src.kind == "hub":
             hint = " (no network? download it once, or point at a local folder)"
         raise UserError(f"{src.location}: could not load the base model: {first}{hint}") from exc

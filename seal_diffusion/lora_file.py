@@ -20,6 +20,7 @@ import torch
 
 from .errors import UserError
 from .fileio import load_safetensors, save_safetensors_atomic
+from .kohya_meta import SAI_MODEL_SPEC, with_hashes
 
 LAYOUTS = ("diffusers", "kohya")
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -64,6 +65,7 @@ class LoraFile:
         if self.layout == "kohya":
             metadata["ss_network_dim"] = str(self.rank)
             metadata["ss_network_alpha"] = str(float(self.rank))
+            metadata = with_hashes(tensors, metadata)  # the tensors changed: so do the hashes
         return save_safetensors_atomic(tensors, path, metadata, overwrite=overwrite, what="LoRA file")
 
     def by_module(self, module_names) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -99,8 +101,9 @@ def lora_tensors(
         "ss_base_model_version": "sd_v1",
         "ss_v2": "False",
         "ss_output_name": name,
-        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.sai_model_spec": SAI_MODEL_SPEC,
         "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.implementation": "diffusers",
         "modelspec.title": name,
     }
     return tensors, metadata
@@ -113,12 +116,18 @@ def write_lora(
     name: str = "lora",
     *,
     overwrite: bool = True,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Write a public LoRA atomically. ``path`` may be a folder for the diffusers layout."""
+    """Write a public LoRA atomically. ``path`` may be a folder for the diffusers layout. ``metadata``: training
+    facts for the kohya layout (:func:`seal_diffusion.kohya_meta.training_metadata`); hashes are added here."""
     path = Path(path)
     if layout == "diffusers" and (path.is_dir() or path.suffix == ""):
         path = path / DIFFUSERS_WEIGHT_NAME
-    tensors, metadata = lora_tensors(factors, layout, name)
+    tensors, base_metadata = lora_tensors(factors, layout, name)
+    if layout == "kohya":
+        metadata = with_hashes(tensors, {**base_metadata, **(metadata or {})})
+    else:
+        metadata = base_metadata
     return save_safetensors_atomic(tensors, path, metadata, overwrite=overwrite, what="LoRA file")
 
 

@@ -12,12 +12,18 @@ from ..errors import UserError
 from ..lora_file import read_lora
 
 PROG = "train_dreambooth_seal.py"
+_prog = [PROG]  # the name warnings and usage carry: `seal-diffusion train` when run through the CLI
 DEFAULT_LR = {"seal": 1e-5, "lora": 5e-5}  # the SEAL paper, Table 12 (SD 1.5 DreamBooth)
 
 
 def warn(message: str) -> None:
     """The trainer's warnings: one line on stderr."""
-    print(f"{PROG}: warning: {message}", file=sys.stderr)
+    print(f"{_prog[0]}: warning: {message}", file=sys.stderr)
+
+
+def set_prog(name: str) -> None:
+    """Name the program in usage, errors and warnings (``train_dreambooth_seal.py`` or ``seal-diffusion train``)."""
+    _prog[0] = name
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,7 +35,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog=PROG,
+        prog=_prog[0],
         description="DreamBooth LoRA training for Stable Diffusion 1.5 with a SEAL watermark (a secret passport "
         "between the LoRA factors). Argument names follow diffusers' train_dreambooth_lora.py. Run it with "
         "`accelerate launch train_dreambooth_seal.py ...` for multi-GPU or mixed precision.",
@@ -79,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", default="lora-dreambooth-model", help="output folder")
     g.add_argument("--output_name", default="lora", help="file stem of NAME.safetensors / NAME.sealkey")
-    g.add_argument("--force", action="store_true", help="replace an existing NAME.sealkey (the only way to do so)")
+    g.add_argument("--force", "--overwrite", dest="force", action="store_true",
+                   help="replace an existing NAME.sealkey and this folder's public files (the only way to do so)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--max_train_steps", type=int, default=300, help="optimizer steps (default 300, as in the paper)")

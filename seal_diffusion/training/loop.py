@@ -32,12 +32,13 @@ from ..base_model import load_pipeline, resolve_base
 from ..errors import UserError
 from ..evaluation import default_resolution, encode_prompt, training_noise_scheduler, vae_scale_factor
 from ..images import scan_image_dir
+from ..kohya_meta import training_metadata
 from ..network import DEFAULT_TARGETS, SealNetwork, find_target_modules
 from .args import check_args, warn
 from .checkpoints import read_checkpoint_passports, read_checkpoint_state, resolve_checkpoint, save_checkpoint
 from .data import DreamBoothDataset, EpochSampler, ImageSet, collate, derived_seed, generator_for
 from .loss import LossSetup
-from .outputs import write_outputs
+from .outputs import refuse_to_replace, write_outputs
 from .validation import ensure_class_images, run_validation
 
 TRAIN_LOG = "train_log.jsonl"
@@ -126,11 +127,12 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
 
-    instance_set = ImageSet(instance_files, resolution, warn_main)
+    instance_set = ImageSet(instance_files, resolution, warn_main, f"--instance_data_dir {args.instance_data_dir}")
     class_set = None
     if args.with_prior_preservation:
         ensure_class_images(args, pipe, accelerator, seed)
-        class_set = ImageSet(scan_image_dir(args.class_data_dir, "--class_data_dir", warn_main), resolution, warn_main)
+        class_set = ImageSet(scan_image_dir(args.class_data_dir, "--class_data_dir", warn_main), resolution, warn_main,
+                             f"--class_data_dir {args.class_data_dir}")
 
     # -- passports ------------------------------------------------------------------------------------------------
     module_names = list(find_target_modules(unet, DEFAULT_TARGETS))
@@ -147,6 +149,7 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
             passports = passports_mod.make_passports(module_names, args.rank, secret, args.passport_source,
                                                      args.passport_std)
     del secret, shared
+    refuse_to_replace(output_dir, args.output_name, args.force)  # after the checkpoint checks, before any write
     if passports is not None:  # an image passport gives every module the same tensor: own copies (safetensors)
         passports = {m: (c.clone(), c_p.clone()) for m, (c, c_p) in passports.items()}
 
@@ -286,7 +289,12 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
         network.assign_release_passports()  # the secret coin, after training: what makes verification exact
     if main_proc:
         network.set_passport("C" if seal else "identity")
-        result = write_outputs(network, args, src, output_dir, global_step, resolution)
+        datasets = {"instance": (args.instance_prompt, len(instance_set))}
+        if class_set is not None:
+            datasets["class"] = (args.class_prompt, len(class_set))
+        facts = training_metadata(resolution=resolution, num_images=len(instance_set), prompts=datasets,
+                                  started_at=t_start, prediction_type=noise_scheduler.config.prediction_type)
+        result = write_outputs(network, args, src, output_dir, global_step, resolution, facts)
         if args.validation_prompt:
             validation_images += run_validation(pipe, network, args, seed, "final", output_dir / "validation",
                                                 accelerator.autocast)
