@@ -96,6 +96,7 @@ def load_pipeline(
     torch_dtype: torch.dtype | None = None,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
+    variant: str | None = None,
 ):
     """Load a ``StableDiffusionPipeline`` from any accepted source (see module docstring).
 
@@ -107,6 +108,8 @@ def load_pipeline(
 
     src = source if isinstance(source, BaseSource) else resolve_base(source, allow_pickle=allow_pickle)
     kwargs = dict(safety_checker=None, requires_safety_checker=False)
+    if variant:
+        kwargs["variant"] = variant  # e.g. fp16: diffusion_pytorch_model.fp16.safetensors
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
     try:

@@ -17,8 +17,8 @@ def public_base_label(src) -> str:
 def load_base_snippet(base: str, kind: str) -> str:
     """Python lines that load the base model in plain diffusers, for each kind of base (tiny, hub, folder, file)."""
     if kind == "tiny":
-        return ('# the embedded test model; write it first with: seal-diffusion tiny-model --out tiny-model\n'
-                'pipe = StableDiffusionPipeline.from_pretrained("tiny-model")')
+        return ('# the tiny test base model as a diffusers folder (its trainer writes it with: tiny-model --out '
+                'tiny-model)\npipe = StableDiffusionPipeline.from_pretrained("tiny-model")')
     if kind == "folder":
         return f'pipe = StableDiffusionPipeline.from_pretrained("path/to/{base}")  # your copy of the base model'
     if kind == "single_file":

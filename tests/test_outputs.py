@@ -104,7 +104,7 @@ def test_kohya_metadata_is_complete_computed_as_kohya_and_leaks_nothing(owner_tr
 def test_model_card_snippet_runs_in_plain_diffusers(owner_training, tmp_path, monkeypatch):
     card = _owner_files(owner_training)["card"].read_text()
     code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
-    assert "from_pretrained(\"tiny\")" not in code and "seal-diffusion tiny-model --out tiny-model" in code
+    assert "from_pretrained(\"tiny\")" not in code and "tiny-model --out tiny-model" in code
     monkeypatch.chdir(tmp_path)
     assert cli_main(["tiny-model", "--out", "tiny-model"]) == 0  # the command the card names
     code = code.replace("path/to/this/folder", str(_owner_files(owner_training)["out"]))
@@ -171,3 +171,60 @@ def test_unreadable_images_are_skipped_with_one_warning(subject_dir, tmp_path):
     assert len(warnings) == 1 and "truncated.jpg" in warnings[0] and "garbage.png" in warnings[0], warnings
     with pytest.raises(UserError, match="no readable image left.*truncated.jpg"):
         ImageSet([jpeg, garbage], 64, warnings.append, "--instance_data_dir D")
+
+
+def test_diffusers_script_flags(tiny_pipe, subject_dir, tmp_path, monkeypatch):
+    """--num_train_epochs, --scale_lr, --logging_dir, --validation_epochs, --allow_tf32, --variant and --push_to_hub
+    (public files only) in one short plain-LoRA run."""
+    from seal_diffusion.training import loop, train
+
+    base = tmp_path / "base-fp16"
+    tiny_pipe.save_pretrained(base, variant="fp16")  # only *.fp16.* weight files: loads with --variant fp16 alone
+    pushed = []
+    monkeypatch.setattr(loop, "push_public_files", lambda paths, repo, token=None: pushed.append((paths, repo)) or
+                        f"https://huggingface.co/{repo}")
+    out = tmp_path / "out"
+    result = train(parse_args([
+        "--pretrained_model_name_or_path", str(base), "--variant", "fp16", "--instance_data_dir", str(subject_dir),
+        "--instance_prompt", "a photo of sks cat", "--output_dir", str(out), "--method", "lora", "--rank", "2",
+        "--num_train_epochs", "2", "--train_batch_size", "8", "--learning_rate", "1e-3", "--scale_lr",
+        "--logging_dir", "my-logs", "--validation_prompt", "a photo of sks cat", "--validation_epochs", "1",
+        "--num_validation_images", "1", "--validation_inference_steps", "1", "--allow_tf32", "--seed", "0",
+        "--cache_latents", "--center_crop", "--push_to_hub", "--hub_model_id", "me/astro"]))
+    assert result["steps"] == 2  # 8 images, batch 8, two epochs
+    log = [json.loads(l) for l in (out / "my-logs" / "train_log.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in log] == [1, 2] and log[0]["lr"] == pytest.approx(8e-3)
+    assert [Path(p).name for p in result["validation_images"]] == ["epoch-0001-00.png", "final-00.png"]
+    assert pushed == [([result["lora_path"], result["diffusers_path"], result["model_card"]], "me/astro")]
+    assert result["hub_url"] == "https://huggingface.co/me/astro"
+
+
+def test_hub_upload_refuses_private_files_and_flags_fail_clearly(tmp_path):
+    import importlib.util
+
+    from seal_diffusion.training.hub import push_public_files
+
+    class FakeApi:
+        def __init__(self):
+            self.files = []
+
+        def create_repo(self, repo_id, exist_ok):
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_file(self, path_or_fileobj, path_in_repo, repo_id):
+            self.files.append(path_in_repo)
+
+    api = FakeApi()
+    assert push_public_files([tmp_path / "a.safetensors", tmp_path / "README.md"], "me/a", api=api).endswith("me/a")
+    assert api.files == ["a.safetensors", "README.md"]
+    with pytest.raises(ValueError):
+        push_public_files([tmp_path / "a.sealkey"], "me/a", api=FakeApi())
+    base = ["--instance_data_dir", "x", "--instance_prompt", "p"]
+    with pytest.raises(UserError, match="--train_text_encoder"):
+        parse_args(base + ["--train_text_encoder"])
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(UserError, match="bitsandbytes"):
+            parse_args(base + ["--use_8bit_adam"])
+    else:
+        assert parse_args(base + ["--use_8bit_adam"]).use_8bit_adam
+    assert parse_args(base).max_train_steps == 300 and parse_args(base + ["--num_train_epochs", "2"]).max_train_steps is None

@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         lines.append(f"public LoRA to share (kohya: upload sites, ComfyUI, AUTOMATIC1111): {result['lora_path']}")
         lines.append(f"public LoRA for diffusers (pipe.load_lora_weights): {result['diffusers_path']}")
         lines.append(f"model card: {result['model_card']}")
+        if result.get("hub_url"):
+            lines.append(f"uploaded the public files to {result['hub_url']}")
         if args.checkpointing_steps:
             lines.append("checkpoint-*/ folders are private (they hold the passports): do not publish them")
         print("\n".join(lines))

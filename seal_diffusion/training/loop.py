@@ -37,6 +37,7 @@ from ..network import DEFAULT_TARGETS, SealNetwork, find_target_modules
 from .args import check_args, warn
 from .checkpoints import read_checkpoint_passports, read_checkpoint_state, resolve_checkpoint, save_checkpoint
 from .data import DreamBoothDataset, EpochSampler, ImageSet, collate, derived_seed, generator_for
+from .hub import push_public_files
 from .loss import LossSetup
 from .outputs import refuse_to_replace, write_outputs
 from .validation import ensure_class_images, run_validation
@@ -73,6 +74,7 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
     t_start = time.time()
     seal = args.method == "seal"
     output_dir = Path(args.output_dir).expanduser()
+    logs_dir = output_dir / getattr(args, "logging_dir", "logs")
     key_path = output_dir / f"{args.output_name}.sealkey"
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output_dir {output_dir}: exists and is not a folder")
@@ -102,7 +104,7 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             mixed_precision=args.mixed_precision,
             log_with=report_to,
-            project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+            project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logs_dir)),
         )
     except (ValueError, RuntimeError) as exc:
         raise UserError(f"accelerate: {str(exc).splitlines()[0]} (check --mixed_precision / accelerate config)") from exc
@@ -119,7 +121,10 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
     seed, secret = shared
     set_seed(seed)
 
-    pipe = load_pipeline(src, config=args.config, allow_pickle=args.allow_pickle, revision=args.revision)
+    if getattr(args, "allow_tf32", False):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    pipe = load_pipeline(src, config=args.config, allow_pickle=args.allow_pickle, revision=args.revision,
+                         variant=getattr(args, "variant", None))
     unet, vae = pipe.unet, pipe.vae
     resolution = args.resolution or default_resolution(pipe)
     if resolution % vae_scale_factor(vae):
@@ -179,7 +184,18 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
                                          collate_fn=collate, num_workers=args.dataloader_num_workers)
 
-    optimizer = torch.optim.AdamW(network.trainable_parameters(), lr=args.learning_rate,
+    if args.max_train_steps is None:  # --num_train_epochs: passes over the data, as in diffusers
+        batches = math.ceil(math.ceil(len(dataset) / args.train_batch_size) / accelerator.num_processes)
+        args.max_train_steps = args.num_train_epochs * math.ceil(batches / args.gradient_accumulation_steps)
+    if getattr(args, "scale_lr", False):
+        args.scale_lr = False  # once: the model card then shows the rate actually used
+        args.learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    adamw = torch.optim.AdamW
+    if getattr(args, "use_8bit_adam", False):
+        import bitsandbytes  # optional, checked by check_args: only this flag needs it
+
+        adamw = bitsandbytes.optim.AdamW8bit
+    optimizer = adamw(network.trainable_parameters(), lr=args.learning_rate,
                                   betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
                                   eps=args.adam_epsilon)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
@@ -204,12 +220,12 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
 
     if main_proc:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "logs").mkdir(exist_ok=True)
+        logs_dir.mkdir(parents=True, exist_ok=True)
         if report_to:
             accelerator.init_trackers("dreambooth-lora", config={
                 k: getattr(args, k) for k in ("rank", "learning_rate", "max_train_steps", "train_batch_size",
                                               "gradient_accumulation_steps", "lr_scheduler")})
-    log_file = _open_train_log(output_dir / "logs" / TRAIN_LOG, global_step) if main_proc else None
+    log_file = _open_train_log(logs_dir / TRAIN_LOG, global_step) if main_proc else None
 
     progress = tqdm(total=args.max_train_steps, initial=global_step, desc="Steps", disable=not main_proc,
                     dynamic_ncols=True)
@@ -223,6 +239,7 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
         return {"global_step": global_step, "seed": seed, "method": args.method, "rank": args.rank,
                 "alpha": args.alpha, "passport_schedule": args.passport_schedule, "targets": list(network.targets)}
 
+    validation_epochs = getattr(args, "validation_epochs", None)
     step_setup = LossSetup(network, vae, noise_scheduler, instance_emb, class_emb, args.prior_loss_weight,
                             args.passport_schedule if seal else None, dataset.latent_cache is not None, device,
                             weight_dtype)
@@ -266,7 +283,7 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
                         path = save_checkpoint(accelerator, network, output_dir, global_step, state(),
                                                args.checkpoints_total_limit)
                         progress.write(f"saved checkpoint {path} (private: holds the passports)")
-                    if (args.validation_prompt and global_step % args.validation_steps == 0
+                    if (args.validation_prompt and not validation_epochs and global_step % args.validation_steps == 0
                             and global_step < args.max_train_steps):
                         validation_images += run_validation(pipe, network, args, seed, f"step-{global_step:06d}",
                                                             output_dir / "validation", accelerator.autocast)
@@ -275,6 +292,9 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
                     break
             if global_step >= args.max_train_steps:
                 break
+            if main_proc and args.validation_prompt and validation_epochs and (epoch + 1) % validation_epochs == 0:
+                validation_images += run_validation(pipe, network, args, seed, f"epoch-{epoch + 1:04d}",
+                                                    output_dir / "validation", accelerator.autocast)
     finally:
         progress.close()
         if log_file is not None:
@@ -295,6 +315,9 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
         facts = training_metadata(resolution=resolution, num_images=len(instance_set), prompts=datasets,
                                   started_at=t_start, prediction_type=noise_scheduler.config.prediction_type)
         result = write_outputs(network, args, src, output_dir, global_step, resolution, facts)
+        if getattr(args, "push_to_hub", False):
+            result["hub_url"] = push_public_files([result["lora_path"], result["diffusers_path"], result["model_card"]],
+                                                  args.hub_model_id or output_dir.resolve().name, token=args.hub_token)
         if args.validation_prompt:
             validation_images += run_validation(pipe, network, args, seed, "final", output_dir / "validation",
                                                 accelerator.autocast)
@@ -308,7 +331,7 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
         final_loss=losses[-1] if losses else None,
         losses=losses,
         validation_images=validation_images,
-        train_log=str(output_dir / "logs" / TRAIN_LOG),
+        train_log=str(logs_dir / TRAIN_LOG),
         train_seconds=train_seconds,
         steps_per_second=steps_run / train_seconds if train_seconds > 0 else float("nan"),
         total_seconds=time.time() - t_start,

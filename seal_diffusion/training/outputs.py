@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import UserError
 from ..export import export_lora
 from ..fileio import write_text_atomic
 from ..fold import fold
 from ..keyfile import SealKey
-from ..errors import UserError
 from ..lora_file import DIFFUSERS_WEIGHT_NAME, write_lora
 from ..model_card import model_card, public_base_label
 
