@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["kohya", "diffusers"], help="key layout of the LoRA file")
     p.add_argument("--out", required=True, help="output .safetensors (or a folder, for the diffusers layout)")
     p.add_argument("--name", help="ss_output_name / title in the kohya metadata (default: file stem)")
-    p.add_argument("--force", "--overwrite", dest="overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--force", "--overwrite", dest="overwrite", action="store_true",
+                   help="replace an existing output file")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("verify", help="ownership test of a LoRA file/folder or a merged model (exit 0 detected, 1 not)")

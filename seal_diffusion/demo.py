@@ -157,7 +157,8 @@ def summary_markdown(result: dict, out: Path) -> str:
               f"{n_modules} LoRA layers is one coin flip, so the smallest p-value there is is 2^−{n_modules} "
               f"(−log10 = {ceiling:.1f}). A full SD 1.5 LoRA (128 layers) can reach {128 * math.log10(2):.1f}.", "",
               "## Entanglement (held-out denoising loss on the subject, fixed noise and timesteps; lower is better)",
-              "", "C is the secret passport folded into the released file, C_p the second passport the owner keeps.", "",
+              "", "C is the secret passport folded into the released file, C_p the second passport the owner keeps.",
+              "",
               "| with C | with C_p | no passport | base model (no LoRA) |", "|---|---|---|---|",
               f"| {l['C']:.4f} | {l['C_p']:.4f} | {l['identity']:.4f} | {l['off']:.4f} |", "", verdict, "",
               "## Images with and without passports (SSIM / PSNR, mean over images)", "",

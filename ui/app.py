@@ -672,7 +672,8 @@ def build_app(base: str = "tiny") -> gr.Blocks:
                         verify_key = gr.File(label="Your private key (.sealkey)", type="filepath",
                                              elem_id="verify-key")
                         suspects = one_or_many(gr.File(label="Suspect files (LoRA .safetensors, one or many)",
-                                                       file_count="multiple", type="filepath", elem_id="verify-suspects"))
+                                                       file_count="multiple", type="filepath",
+                                                       elem_id="verify-suspects"))
                         with gr.Accordion("Advanced settings", open=False):
                             verify_base = gr.Textbox(label="Base model (only for a full model that a LoRA was merged "
                                                            "into)", value=base, elem_id="verify-base")

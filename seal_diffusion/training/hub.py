@@ -25,5 +25,6 @@ def push_public_files(paths: list[str | Path], repo_id: str, *, token: str | Non
             api.upload_file(path_or_fileobj=str(p), path_in_repo=p.name, repo_id=repo_id)
     except Exception as exc:  # network, auth, rate limits: one line; the files stay on disk
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"--push_to_hub {repo_id}: upload failed ({first}); the files are in the output folder") from exc
+        msg = f"--push_to_hub {repo_id}: upload failed ({first}); the files are in the output folder"
+        raise UserError(msg) from exc
     return str(url)
