@@ -137,6 +137,8 @@ def test_impossible_paths_and_wrong_flags_are_one_line(owner_training, tmp_path,
         (["verify", "--key", key, owner_training["lora_path"], "--json", str(a_file / "r.json")], str(a_file)),
         (["attack", "prune", owner_training["lora_path"], str(a_file / "p.safetensors")], str(a_file)),
         (["export", "--key", key, "--format", "kohya", "--out", owner_training["lora_path"]], "--force"),
+        (["train", "--instance_data_dir", str(tmp_path), "--instance_prompt", "p", "--output_dir",
+          str(a_file / "out")], "is a file"),  # found before any training
     ]
     for argv, needle in cases:
         rc = cli_main(argv)

@@ -78,6 +78,7 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
     key_path = output_dir / f"{args.output_name}.sealkey"
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output_dir {output_dir}: exists and is not a folder")
+    _check_writable(output_dir)
     if seal and key_path.exists() and not args.force:
         raise UserError(f"{key_path}: key file already exists; refusing to train over it (pass --force to replace "
                         "it, or choose another --output_name/--output_dir)")
@@ -345,6 +346,17 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
         _reset_accelerate_state()
     return result
 
+
+
+def _check_writable(output_dir: Path) -> None:
+    """Fail before training, not after it, when the output folder cannot be made (read-only, a parent is a file)."""
+    parent = output_dir
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"--output_dir {output_dir}: {parent} is a file, so the folder cannot be made")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--output_dir {output_dir}: {parent} is not writable")
 
 
 def _open_train_log(path: Path, resumed_step: int):
