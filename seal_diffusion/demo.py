@@ -27,6 +27,13 @@ DEMO_PROMPTS = ["a photo of sks cat", "a sks cat wearing a santa hat"]
 DEMO_SEEDS = (0,)  # one image per prompt and variant: the compare step is the demo's second-largest cost
 HELDOUT_TIMESTEPS = 4  # timesteps of the held-out loss (fixed noise): 4 spread over the schedule separate C/C_p from ∅
 PRUNE_RATIO = 0.9
+PAIR_LABELS = {  # the summary's words for compare's pairs (compare.md keeps the paper's notation)
+    ("exported", "C"): "the shared file vs the trained LoRA with passport C: must be identical",
+    ("identity", "base"): "the LoRA without a passport vs the base model: close, the passport does the work",
+    ("C", "C_p"): "passport C vs the kept passport C_p: how alike the two make the pictures",
+    ("C", "base"): "passport C vs the base model: what the LoRA changes",
+    ("C_p", "base"): "passport C_p vs the base model",
+}
 
 
 def _train(out: Path, subject: Path, method: str, seed: int, steps: int, rank: int):
@@ -154,7 +161,7 @@ def summary_markdown(result: dict, out: Path) -> str:
     _, verdict = entanglement_verdict(l)
     lines += ["", "Detection threshold: −log10 p ≥ 3.3 (p < 5·10⁻⁴).",
               f"The highest score possible here is {ceiling:.1f}: the test is exact and each of the model's "
-              f"{n_modules} LoRA layers is one coin flip, so the smallest p-value there is is 2^−{n_modules} "
+              f"{n_modules} LoRA layers is one coin flip, so the smallest possible p-value is 2^−{n_modules} "
               f"(−log10 = {ceiling:.1f}). A full SD 1.5 LoRA (128 layers) can reach {128 * math.log10(2):.1f}.", "",
               "## Entanglement (held-out denoising loss on the subject, fixed noise and timesteps; lower is better)",
               "", "C is the secret passport folded into the released file, C_p the second passport the owner keeps.",
@@ -166,7 +173,8 @@ def summary_markdown(result: dict, out: Path) -> str:
               "SD 1.5, built offline). The numbers compare images of the same model with and without passports.", "",
               "| pair | SSIM | PSNR (dB) |", "|---|---|---|"]
     for p in result["pairs"]:
-        lines.append(f"| {p['what']} | {p['ssim_mean']:.4f} | {p['psnr_mean']:.2f} |")
+        label = PAIR_LABELS.get((p.get("a"), p.get("b")), p["what"])
+        lines.append(f"| {label} | {p['ssim_mean']:.4f} | {p['psnr_mean']:.2f} |")
     lines += ["", f"![grid]({rel(result['grid'])})", "", f"![spectra]({rel(result['spectra'])})", "",
               f"Training speed: SEAL {result['seal_steps_per_s']:.1f} steps/s, plain LoRA "
               f"{result['lora_steps_per_s']:.1f} steps/s. Whole demo: {result['seconds']:.0f} s.", "",

@@ -14,7 +14,7 @@ def test_demo_end_to_end(tmp_path, capsys):
     for needle in ("innocent plain LoRA, same subject | not detected", "pruned 90%", "| DETECTED |",
                    "Entanglement", "grid.png", "spectra.png", "**Verdict: ", "2^−48", "random weights"):
         assert needle in summary
-    assert "B'M" not in summary and "Base model `tiny`" in (out / "compare" / "compare.md").read_text()
+    assert "B'M" not in summary and "N(B,A,∅)" not in summary and "Base model `tiny`" in (out / "compare" / "compare.md").read_text()
     for f in ("seal/cat.sealkey", "seal/cat.safetensors", "seal/pytorch_lora_weights.safetensors",
               "compare/grid.png", "spectra.png", "innocent/cat.safetensors"):
         assert (out / f).is_file(), f
