@@ -9,6 +9,9 @@ Where things are:
   public LoRA files (diffusers and kohya layouts);
 * :mod:`~seal_diffusion.keyfile` — the owner's private ``.sealkey``;
 * :mod:`~seal_diffusion.base_model` / :mod:`~seal_diffusion.tiny` — loading SD 1.5 and the embedded tiny default;
+* :mod:`~seal_diffusion.training` — the DreamBooth trainer (a package: args, data, loss, checkpoints, loop…), over
+  :mod:`~seal_diffusion.images` and :mod:`~seal_diffusion.evaluation` (the held-out loss claim, demo and compare use);
+* :mod:`~seal_diffusion.finetune` — the fine-tuning attack (continued training from a public LoRA);
 * :mod:`~seal_diffusion.cli` — the ``seal-diffusion`` command.
 """
 

@@ -5,7 +5,8 @@ an ordinary LoRA a thief could publish. Product-preserving obfuscations (rescale
 leave ΔW = up·down unchanged and therefore the recovered passport too; the others change ΔW (prune, quantize, noise,
 merge-lora, truncated refactor-svd). ``finetune`` (continued plain-LoRA training) lives in
 :mod:`seal_diffusion.finetune` and starts from :func:`init_from_lora`; ``merge-checkpoint``, ``ambiguity`` (forged
-second passports, checked by the claim check) and :func:`init_from_lora` are at the end of this module. All randomness comes from ``seed``.
+second passports, checked by the claim check) and :func:`init_from_lora` are at the end of this module. All
+randomness comes from ``seed``.
 """
 
 from __future__ import annotations
@@ -194,7 +195,7 @@ def merge_into_checkpoint(lora_path: str | os.PathLike, base: str, out: str | os
 
     out = Path(out)
     if out.exists() and not overwrite:
-        raise UserError(f"{out}: already exists; refusing to overwrite it (pass --overwrite)")
+        raise UserError(f"{out}: already exists; refusing to overwrite it (pass --force)")
     pipe = load_pipeline(base, config=config)
     modules = [n for n, m in pipe.unet.named_modules() if isinstance(m, torch.nn.Linear)]
     factors = read_lora(lora_path).by_module(modules)

@@ -83,6 +83,19 @@ def resolve_base(source: str | os.PathLike, *, allow_pickle: bool = False) -> Ba
     raise UserError(f"{text}: no such file or folder, and not a hub id (owner/name); {ACCEPTED}")
 
 
+def config_from_base(base: str | os.PathLike | None) -> str | None:
+    """The local diffusers folder that gives a single-file model's configs when ``base`` names one: the embedded
+    default's folder for ``tiny``, the folder itself for a diffusers folder; else None."""
+    if base is None:
+        return None
+    if str(base) == "tiny":
+        from .tiny import tiny_model_dir
+
+        return str(tiny_model_dir())
+    path = Path(base).expanduser()
+    return str(path) if (path / "model_index.json").is_file() else None
+
+
 def load_pipeline(
     source: str | os.PathLike | BaseSource = "tiny",
     *,
@@ -91,6 +104,7 @@ def load_pipeline(
     torch_dtype: torch.dtype | None = None,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
+    variant: str | None = None,
 ):
     """Load a ``StableDiffusionPipeline`` from any accepted source (see module docstring).
 
@@ -103,6 +117,8 @@ def load_pipeline(
         raise UserError(f"{config}: --config must be a local diffusers folder with model_index.json")
     pipeline_cls = pipeline_class(src, config=config)
     kwargs = dict(safety_checker=None, requires_safety_checker=False) if not _xl(pipeline_cls) else {}
+    if variant:
+        kwargs["variant"] = variant  # e.g. fp16: diffusion_pytorch_model.fp16.safetensors
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
     try:
@@ -126,7 +142,8 @@ def load_pipeline(
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = ""
         if src.kind == "single_file" and config is None:
-            hint = " (offline, a single file needs --config pointing at a local diffusers folder of the same model)"
+            hint = (" (its configs are missing: offline, a single-file model needs --config, a local diffusers folder"
+                    " of the same architecture, or a --base that is one)")
         elif src.kind == "hub":
             hint = " (no network? download it once, or point at a local folder)"
         raise UserError(f"{src.location}: could not load the base model: {first}{hint}") from exc

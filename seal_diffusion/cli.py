@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .cpu import short_openmp_spin
 from .demo import DEMO_STEPS
-from .errors import UserError
+from .errors import UserError, os_error_line
 from .quiet import quiet_libraries
 
 
@@ -70,7 +70,7 @@ def cmd_commitment(args) -> int:
 def cmd_train(args) -> int:
     from .training import main as train_main
 
-    return train_main(args.train_args)
+    return train_main(args.train_args + (["--debug"] if args.debug else []), prog="seal-diffusion train")
 
 
 def cmd_verify(args) -> int:
@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["kohya", "diffusers"], help="key layout of the LoRA file")
     p.add_argument("--out", required=True, help="output .safetensors (or a folder, for the diffusers layout)")
     p.add_argument("--name", help="ss_output_name / title in the kohya metadata (default: file stem)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--force", "--overwrite", dest="overwrite", action="store_true",
+                   help="replace an existing output file")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("verify", help="ownership test of a LoRA file/folder or a merged model (exit 0 detected, 1 not)",
@@ -247,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ambiguity: how the fake C_p is made")
     p.add_argument("--gamma", type=float, default=0.5, help="ambiguity gamma: share of the forgery mixed into C_p")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--force", "--overwrite", dest="overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=cmd_attack)
 
     from .compare import add_compare_command, add_sigma_sweep_command
@@ -279,9 +280,13 @@ def main(argv: list[str] | None = None) -> int:
         quiet_libraries()
         from .training import main as train_main
 
-        return train_main(argv[1:])
+        return train_main(argv[1:], prog="seal-diffusion train")
+    # --debug is accepted anywhere (before or after the subcommand); it never is a value of another option
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.debug = debug
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -292,6 +297,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"seal-diffusion {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an unwritable or impossible output path (read-only folder, a parent that is a file)
+        if args.debug:
+            raise
+        print(f"seal-diffusion {args.command}: error: {os_error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"seal-diffusion {args.command}: interrupted", file=sys.stderr)

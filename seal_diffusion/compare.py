@@ -304,6 +304,7 @@ def compare(
     real_images: str | os.PathLike | Sequence | None = None,
     progress: Progress | None = None,
     show_progress: bool = True,
+    base_label: str | None = None,
 ) -> dict:
     """Render every variant for prompts × seeds and write grid, single images and the SSIM/PSNR table.
 
@@ -311,7 +312,8 @@ def compare(
     :func:`~seal_diffusion.base_model.load_pipeline`) or an already loaded pipeline. ``progress(done, total, message)``
     is called after every batch (the UI's progress bar); a tqdm bar is shown on the terminal too.
     ``clip_model`` / ``dino_model`` (folder or hub id) add CLIP-T, and with ``real_images`` CLIP-I and DINO, per
-    variant. Returns the dict written to ``compare.json``.
+    variant. ``base_label`` names an already loaded pipeline in the report (e.g. ``tiny``). Returns the dict written
+    to ``compare.json``.
     """
     from .base_model import load_pipeline
     from .keyfile import SealKey
@@ -333,7 +335,7 @@ def compare(
         base_label = str(base)
         pipe = load_pipeline(base, config=config, allow_pickle=allow_pickle)
     else:
-        pipe, base_label = base, "pipeline"
+        pipe, base_label = base, base_label or "pipeline"
     size = default_size(pipe)
     height, width = int(height or size), int(width or size)
     if height % 8 or width % 8:

@@ -13,6 +13,7 @@ Every step calls the same library functions as the CLI commands and the app.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -26,6 +27,13 @@ DEMO_PROMPTS = ["a photo of sks cat", "a sks cat wearing a santa hat"]
 DEMO_SEEDS = (0,)  # one image per prompt and variant: the compare step is the demo's second-largest cost
 HELDOUT_TIMESTEPS = 4  # timesteps of the held-out loss (fixed noise): 4 spread over the schedule separate C/C_p from ∅
 PRUNE_RATIO = 0.9
+PAIR_LABELS = {  # the summary's words for compare's pairs (compare.md keeps the paper's notation)
+    ("exported", "C"): "the shared file vs the trained LoRA with passport C: must be identical",
+    ("identity", "base"): "the LoRA without a passport vs the base model: close, the passport does the work",
+    ("C", "C_p"): "passport C vs the kept passport C_p: how alike the two make the pictures",
+    ("C", "base"): "passport C vs the base model: what the LoRA changes",
+    ("C_p", "base"): "passport C_p vs the base model",
+}
 
 
 def _train(out: Path, subject: Path, method: str, seed: int, steps: int, rank: int):
@@ -60,6 +68,10 @@ def run_demo(out_dir: str | os.PathLike = "demo-out", *, steps: int = DEMO_STEPS
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     subject = write_subject(out / "subject")
+    old_key = out / "seal" / "cat.sealkey"
+    if old_key.exists():
+        say(f"note: {old_key} from an earlier demo run is replaced by this run's key (demo keys are throwaway; "
+            "your own trainings never replace a key without --force)")
 
     say(f"[1/5] training a SEAL LoRA on the bundled subject ({steps} steps, rank {rank})")
     seal = _train(out / "seal", subject, "seal", 0, steps, rank)
@@ -82,7 +94,8 @@ def run_demo(out_dir: str | os.PathLike = "demo-out", *, steps: int = DEMO_STEPS
     for label, attacked in [
         (f"pruned {PRUNE_RATIO:.0%} (smallest weights zeroed)", attacks.prune(release, PRUNE_RATIO)),
         ("quantized to int8", attacks.quantize(release, "int8")),
-        ("mixed (B'M, M⁻¹A') and padded to rank +4", attacks.pad_rank(attacks.mix(release, seed=1), 4)),
+        ("mixed (factors times a random matrix and its inverse), padded to rank +4",
+         attacks.pad_rank(attacks.mix(release, seed=1), 4)),
         ("re-factored by SVD, truncated to rank 2", attacks.refactor_svd(release, rank=2)),
         ("merged 1:1 with the innocent LoRA", attacks.merge_lora(release, read_lora(innocent["lora_path"]))),
     ]:
@@ -99,13 +112,13 @@ def run_demo(out_dir: str | os.PathLike = "demo-out", *, steps: int = DEMO_STEPS
 
     say("[5/5] comparing images with and without passports")
     cmp = compare(key, pipe, DEMO_PROMPTS, list(compare_seeds), out / "compare", steps=compare_steps,
-                  show_progress=False)
+                  show_progress=False, base_label="tiny")
     spectra = plot_spectra({"plain LoRA (innocent)": read_lora(innocent["lora_path"]).entries,
                             "SEAL release": release.entries}, out / "spectra.png")
     result = dict(rows=rows, losses=losses, pairs=cmp["pairs"], seconds=time.time() - t0,
                   seal_steps_per_s=seal["steps_per_second"], lora_steps_per_s=innocent["steps_per_second"],
                   commitment=seal["commitment"], key_path=seal["key_path"], grid=cmp["grid"], spectra=str(spectra),
-                  all_ok=all(r["ok"] for r in rows))
+                  all_ok=all(r["ok"] for r in rows), n_modules=len(key.modules))
     md = summary_markdown(result, out)
     write_text_atomic(out / "summary.md", md)
     say("")
@@ -115,25 +128,53 @@ def run_demo(out_dir: str | os.PathLike = "demo-out", *, steps: int = DEMO_STEPS
     return result
 
 
+def entanglement_verdict(losses: dict) -> tuple[bool, str]:
+    """Entangled when the LoRA helps with either passport (C and C_p both clearly below ∅ and the base model, and
+    close to each other) — the weights only work through a passport."""
+    gap = min(losses["identity"], losses["off"]) - max(losses["C"], losses["C_p"])
+    ok = gap > 0 and abs(losses["C"] - losses["C_p"]) < gap
+    if ok:
+        return True, ("**Verdict: entangled.** With either passport the LoRA lowers the loss by about the same amount; "
+                      "without a passport it is no better than the base model, so removing the passport removes "
+                      "what the LoRA learned.")
+    return False, ("**Verdict: not clearly entangled** in this short run: the losses with the two passports are not "
+                   "both clearly below the loss without one (train longer: `--steps`).")
+
+
 def summary_markdown(result: dict, out: Path) -> str:
     def rel(p):
         return os.path.relpath(p, out)
 
-    lines = ["# seal-diffusion demo", "",
+    rows = result["rows"]
+    bad = [r for r in rows if not r["ok"]]
+    n_modules = result.get("n_modules", 48)
+    ceiling = n_modules * math.log10(2)
+    headline = (f"**All {len(rows)} verification checks came out as expected.**" if not bad else
+                f"**{len(bad)} of {len(rows)} verification checks did NOT come out as expected** (marked NO below).")
+    lines = ["# seal-diffusion demo", "", headline, "",
              "Embedded default model (tiny SD-1.5-shaped, random weights), bundled subject (8 cat images).", "",
              "## Verification", "", "| suspect | verdict | −log10 p | as expected |", "|---|---|---|---|"]
-    for r in result["rows"]:
+    for r in rows:
         lines.append(f"| {r['case']} | {'DETECTED' if r['detected'] else 'not detected'} | {r['neg_log10_p']:.1f} | "
                      f"{'yes' if r['ok'] else '**NO**'} |")
     l = result["losses"]
-    lines += ["", "Detection threshold: −log10 p ≥ 3.3 (p < 5·10⁻⁴).", "",
+    _, verdict = entanglement_verdict(l)
+    lines += ["", "Detection threshold: −log10 p ≥ 3.3 (p < 5·10⁻⁴).",
+              f"The highest score possible here is {ceiling:.1f}: the test is exact and each of the model's "
+              f"{n_modules} LoRA layers is one coin flip, so the smallest possible p-value is 2^−{n_modules} "
+              f"(−log10 = {ceiling:.1f}). A full SD 1.5 LoRA (128 layers) can reach {128 * math.log10(2):.1f}.", "",
               "## Entanglement (held-out denoising loss on the subject, fixed noise and timesteps; lower is better)",
-              "", "| with C | with C_p | no passport (∅) | base model |", "|---|---|---|---|",
-              f"| {l['C']:.4f} | {l['C_p']:.4f} | {l['identity']:.4f} | {l['off']:.4f} |", "",
+              "", "C is the secret passport folded into the released file, C_p the second passport the owner keeps.",
+              "",
+              "| with C | with C_p | no passport | base model (no LoRA) |", "|---|---|---|---|",
+              f"| {l['C']:.4f} | {l['C_p']:.4f} | {l['identity']:.4f} | {l['off']:.4f} |", "", verdict, "",
               "## Images with and without passports (SSIM / PSNR, mean over images)", "",
+              "The pictures are noise: the default model has random weights (it is a stand-in with the shape of "
+              "SD 1.5, built offline). The numbers compare images of the same model with and without passports.", "",
               "| pair | SSIM | PSNR (dB) |", "|---|---|---|"]
     for p in result["pairs"]:
-        lines.append(f"| {p['what']} | {p['ssim_mean']:.4f} | {p['psnr_mean']:.2f} |")
+        label = PAIR_LABELS.get((p.get("a"), p.get("b")), p["what"])
+        lines.append(f"| {label} | {p['ssim_mean']:.4f} | {p['psnr_mean']:.2f} |")
     lines += ["", f"![grid]({rel(result['grid'])})", "", f"![spectra]({rel(result['spectra'])})", "",
               f"Training speed: SEAL {result['seal_steps_per_s']:.1f} steps/s, plain LoRA "
               f"{result['lora_steps_per_s']:.1f} steps/s. Whole demo: {result['seconds']:.0f} s.", "",

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
 from .fold import fold
 from .keyfile import SealKey
 from .lora_file import write_lora
@@ -19,6 +20,12 @@ def public_factors(key: SealKey) -> dict[str, tuple[torch.Tensor, torch.Tensor]]
     }
 
 
-def export_lora(key: SealKey, path: str | os.PathLike, layout: str, name: str = "lora", *, overwrite: bool = True) -> Path:
-    """Write the public LoRA of ``key`` in ``layout`` (diffusers | kohya) to ``path``."""
-    return write_lora(public_factors(key), path, layout, name, overwrite=overwrite, architecture=key.architecture)
+def export_lora(key: SealKey, path: str | os.PathLike, layout: str, name: str = "lora", *, overwrite: bool = True,
+                metadata: dict[str, str] | None = None) -> Path:
+    """Write the public LoRA of ``key`` in ``layout`` (diffusers | kohya) to ``path`` (``metadata``: training facts
+    for the kohya layout, see :func:`seal_diffusion.kohya_meta.training_metadata`)."""
+    path = Path(path)
+    if layout == "kohya" and path.is_dir():
+        raise UserError(f"--out {path}: is a folder; the kohya layout is one file (give a NAME.safetensors path)")
+    return write_lora(public_factors(key), path, layout, name, overwrite=overwrite, metadata=metadata,
+                      architecture=key.architecture)

@@ -1,7 +1,9 @@
 """Safe file handling: atomic writes and pickle-free safetensors reads with clear errors.
 
 Every file the tool writes goes through :func:`atomic_write` (temp file in the same folder, fsync, rename), so a
-crash never leaves a half-written key or LoRA. Reads use safetensors only; nothing here unpickles.
+crash never leaves a half-written key or LoRA. Public files get the permissions of the user's umask (normally 0644,
+so a frontend running as another user can read them); only private files (``private=True``: the key and owner-side
+secrets) stay 0600. Reads use safetensors only; nothing here unpickles.
 """
 
 from __future__ import annotations
@@ -20,21 +22,45 @@ from safetensors.torch import save as st_save
 from .errors import UserError
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux tells it (``/proc/self/status``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic set-and-restore (briefly process-wide)
+    os.umask(mask)
+    return mask
+
+
+def public_mode() -> int:
+    """Permissions of a public file: what ``open()`` would give, 0666 minus the umask (0644 as usual)."""
+    return 0o666 & ~current_umask()
+
+
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, *, overwrite: bool = True, what: str = "file") -> Iterator[Path]:
+def atomic_write(path: str | os.PathLike, *, overwrite: bool = True, what: str = "file",
+                 private: bool = False) -> Iterator[Path]:
     """Yield a temp path next to ``path``; on success fsync it and rename it over ``path``.
 
     ``overwrite=False`` refuses to replace an existing file (checked before and, via a hard link, at the rename).
+    The file is 0600 when ``private``, else it follows the umask.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; expected a {what} path")
     if not overwrite and path.exists():
         raise UserError(f"{path}: {what} already exists; refusing to overwrite it (pass --force to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # created 0600
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
+        if not private:
+            os.chmod(tmp, public_mode())
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         if overwrite:
@@ -64,8 +90,9 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, overwrite: bool = True, what: str = "file") -> Path:
-    with atomic_write(path, overwrite=overwrite, what=what) as tmp:
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, overwrite: bool = True, what: str = "file",
+                       private: bool = False) -> Path:
+    with atomic_write(path, overwrite=overwrite, what=what, private=private) as tmp:
         tmp.write_bytes(data)
     return Path(path)
 
@@ -85,11 +112,13 @@ def save_safetensors_atomic(
     *,
     overwrite: bool = True,
     what: str = "file",
+    private: bool = False,
 ) -> Path:
-    """Serialise ``tensors`` (contiguous CPU copies) with string ``metadata`` and write atomically."""
+    """Serialise ``tensors`` (contiguous CPU copies) with string ``metadata`` and write atomically (0600 if
+    ``private``)."""
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     data = st_save(clean, metadata=metadata)
-    return write_bytes_atomic(path, data, overwrite=overwrite, what=what)
+    return write_bytes_atomic(path, data, overwrite=overwrite, what=what, private=private)
 
 
 def load_safetensors(path: str | os.PathLike, *, what: str = "file") -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -22,7 +22,7 @@ def finetune_lora(lora_path, out, *, data=None, base="tiny", steps: int = 100, l
     (kohya layout) to ``out``. Without ``data`` the bundled subject is used."""
     out = Path(out)
     if out.exists() and not overwrite:
-        raise UserError(f"{out}: already exists; refusing to overwrite it (pass --overwrite)")
+        raise UserError(f"{out}: already exists; refusing to overwrite it (pass --force)")
     with tempfile.TemporaryDirectory(prefix="seal-finetune-") as tmp:
         if data is None:
             data = write_subject(Path(tmp) / "subject")
@@ -30,7 +30,7 @@ def finetune_lora(lora_path, out, *, data=None, base="tiny", steps: int = 100, l
                 "--instance_prompt", instance_prompt, "--output_dir", str(Path(tmp) / "run"), "--output_name", "ft",
                 "--method", "lora", "--init_lora", str(lora_path), "--max_train_steps", str(steps),
                 "--learning_rate", str(learning_rate), "--seed", str(seed), "--train_batch_size", "1",
-                "--cache_latents"]
+                "--cache_latents", "--center_crop"]  # cached latents are center-cropped: say so, no warning
         if config:
             argv += ["--config", str(config)]
         result = train(parse_args(argv), progress_callback)

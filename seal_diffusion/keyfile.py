@@ -109,7 +109,8 @@ class SealKey:
 
     def save(self, path: str | os.PathLike, *, force: bool = False) -> Path:
         """Write atomically; refuses to replace an existing file unless ``force``."""
-        return save_safetensors_atomic(self.tensors(), path, self.metadata(), overwrite=force, what="key file")
+        return save_safetensors_atomic(self.tensors(), path, self.metadata(), overwrite=force, what="key file",
+                                       private=True)
 
     def delta_factors(self, name: str, which: str = "C") -> tuple[torch.Tensor, torch.Tensor]:
         """(A_eff, B_eff) with ΔW = B_eff @ A_eff for passport ``which`` ∈ {C, C_p, identity}; scale in B_eff."""
@@ -122,6 +123,8 @@ class SealKey:
     def load(cls, path: str | os.PathLike) -> "SealKey":
         """Read and check a key file: format, completeness, shapes, and the commitment (tampering)."""
         path = Path(path)
+        if path.is_dir():
+            raise UserError(f"{path}: is a folder; expected a key file (.sealkey)")
         tensors, meta = load_safetensors(path, what="key file")
         if meta.get("format") != FORMAT:
             raise UserError(f"{path}: not a SEAL key file (metadata format={meta.get('format')!r}, expected 'sealkey')")

@@ -25,6 +25,7 @@ import torch
 from .errors import UserError
 from .fileio import load_safetensors, save_safetensors_atomic
 from .lora_names import ARCHITECTURE_METADATA, SD_V1, candidate_names, kohya_names, kohya_stem, ldm_names  # noqa: F401
+from .kohya_meta import SAI_MODEL_SPEC, with_hashes
 
 LAYOUTS = ("diffusers", "kohya")
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -73,6 +74,7 @@ class LoraFile:
         if self.layout == "kohya" and self.entries:
             metadata["ss_network_dim"] = str(self.rank)
             metadata["ss_network_alpha"] = str(float(self.rank))
+            metadata = with_hashes(tensors, metadata)  # the tensors changed: so do the hashes
         return save_safetensors_atomic(tensors, path, metadata, overwrite=overwrite, what="LoRA file")
 
     def _mapped(self, stems, module_names, unet_config=None) -> dict[str, list[str]]:
@@ -158,7 +160,8 @@ def lora_tensors(
         "ss_network_alpha": str(float(rank)),
         **ARCHITECTURE_METADATA[architecture],
         "ss_output_name": name,
-        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.sai_model_spec": SAI_MODEL_SPEC,
+        "modelspec.implementation": "diffusers",
         "modelspec.title": name,
     }
     return tensors, metadata
@@ -172,13 +175,19 @@ def write_lora(
     *,
     overwrite: bool = True,
     architecture: str = SD_V1,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write a public LoRA atomically. ``path`` may be a folder for the diffusers layout. ``architecture``: the base
-    model family (kohya names and metadata, see :func:`lora_tensors`)."""
+    model family (kohya names and metadata, see :func:`lora_tensors`). ``metadata``: training facts for the kohya
+    layout (:func:`seal_diffusion.kohya_meta.training_metadata`); hashes are added here."""
     path = Path(path)
     if layout == "diffusers" and (path.is_dir() or path.suffix == ""):
         path = path / DIFFUSERS_WEIGHT_NAME
-    tensors, metadata = lora_tensors(factors, layout, name, architecture)
+    tensors, base_metadata = lora_tensors(factors, layout, name, architecture)
+    if layout == "kohya":
+        metadata = with_hashes(tensors, {**base_metadata, **(metadata or {})})
+    else:
+        metadata = base_metadata
     return save_safetensors_atomic(tensors, path, metadata, overwrite=overwrite, what="LoRA file")
 
 

@@ -14,7 +14,19 @@ def public_base_label(src) -> str:
     return src.location if src.kind == "hub" else Path(src.location).name if src.kind != "tiny" else "tiny"
 
 
-def model_card(name: str, base: str, args, steps: int, resolution: int) -> str:
+def load_base_snippet(base: str, kind: str) -> str:
+    """Python lines that load the base model in plain diffusers, for each kind of base (tiny, hub, folder, file)."""
+    if kind == "tiny":
+        return ('# the tiny test base model as a diffusers folder (its trainer writes it with: tiny-model --out '
+                'tiny-model)\npipe = StableDiffusionPipeline.from_pretrained("tiny-model")')
+    if kind == "folder":
+        return f'pipe = StableDiffusionPipeline.from_pretrained("path/to/{base}")  # your copy of the base model'
+    if kind == "single_file":
+        return f'pipe = StableDiffusionPipeline.from_single_file("path/to/{base}")  # the base checkpoint'
+    return f'pipe = StableDiffusionPipeline.from_pretrained("{base}")'
+
+
+def model_card(name: str, base: str, args, steps: int, resolution: int, base_kind: str = "hub") -> str:
     """A generic DreamBooth LoRA model card (nothing about passports, secrets, seeds or the method)."""
     prior = f"yes (class prompt: `{args.class_prompt}`)" if args.with_prior_preservation else "no"
     return f"""---
@@ -38,16 +50,18 @@ Use `{args.instance_prompt}` in your prompt.
 
 ## Files
 
-- `{name}.safetensors` — kohya layout (ComfyUI, AUTOMATIC1111, kohya tools)
-- `pytorch_lora_weights.safetensors` — diffusers layout
+- `{name}.safetensors` — kohya layout: the file to share and upload (Civitai, the Hugging Face Hub), and the one
+  ComfyUI, AUTOMATIC1111 and kohya tools load
+- `pytorch_lora_weights.safetensors` — diffusers layout, for `pipe.load_lora_weights(folder)` only (ComfyUI and
+  AUTOMATIC1111 ignore its keys)
 
 ## Use with diffusers
 
 ```python
 from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained("{base}")
-pipe.load_lora_weights("path/to/this/folder")
-image = pipe({json.dumps(args.instance_prompt)}).images[0]
+{load_base_snippet(base, base_kind)}
+pipe.load_lora_weights("path/to/this/folder")  # the folder holding this README
+image = pipe({json.dumps(args.instance_prompt)}, num_inference_steps=25).images[0]
 ```
 
 ## Training settings

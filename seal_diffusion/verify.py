@@ -440,7 +440,11 @@ def _unet_linear_weights(source: str, modules: list[str], config=None) -> dict[s
 
 
 def merged_deltas(path, base: str, modules: list[str], *, config=None) -> dict[str, torch.Tensor]:
-    """ΔW = W_suspect − W_base for each adapted module present in both models."""
+    """ΔW = W_suspect − W_base for each adapted module present in both models (a single-file suspect takes its
+    configs from ``config``, else from ``base`` when that is ``tiny`` or a diffusers folder)."""
+    from .base_model import config_from_base
+
+    config = config if config is not None else config_from_base(base)
     w_s = _unet_linear_weights(str(path), modules, config)
     w_b = _unet_linear_weights(base, modules, config)
     deltas = {}

@@ -37,6 +37,8 @@ from pathlib import Path
 import gradio as gr
 
 from seal_diffusion.errors import UserError
+from ui.components import CSS as COMPONENTS_CSS
+from ui.components import one_or_many
 
 log = logging.getLogger("seal_diffusion.ui")
 
@@ -306,8 +308,9 @@ class Handlers:
             f"### Done: your watermarked LoRA is ready\n"
             f"Trained **{result['steps']} steps** on **{n_photos} photo(s)** in {_duration(result['total_seconds'])} "
             f"(base model `{html.escape(src.label)}`, rank {rank}, final loss {result['final_loss']:.4f}).\n\n"
-            f"1. **Share** the public LoRA below, in either layout. It looks and works like any other LoRA; the "
-            f"watermark is invisible.\n"
+            f"1. **Share** the public LoRA below: upload the **kohya** file (`{name}.safetensors`) to LoRA sites; "
+            f"it also loads in ComfyUI, AUTOMATIC1111 and diffusers. The diffusers file is for "
+            f"`pipe.load_lora_weights` only. Both look and work like any other LoRA; the watermark is invisible.\n"
             f"2. **Publish the commitment hash** with it (e.g. in the description). It proves later that your key "
             f"existed when you released the LoRA.\n"
             f"3. **Download the private key `{name}.sealkey` now** and back it up. Only this key can prove the "
@@ -681,8 +684,9 @@ def build_app(base: str = "tiny") -> gr.Blocks:
                     with gr.Column(scale=1):
                         verify_key = gr.File(label="Your private key (.sealkey)", type="filepath",
                                              elem_id="verify-key")
-                        suspects = gr.File(label="Suspect files (LoRA .safetensors, one or many)",
-                                           file_count="multiple", type="filepath", elem_id="verify-suspects")
+                        suspects = one_or_many(gr.File(label="Suspect files (LoRA .safetensors, one or many)",
+                                                       file_count="multiple", type="filepath",
+                                                       elem_id="verify-suspects"))
                         with gr.Accordion("Advanced settings", open=False):
                             verify_base = gr.Textbox(label="Base model (only for a full model that a LoRA was merged "
                                                            "into)", value=base, elem_id="verify-base")
@@ -714,7 +718,7 @@ def build_app(base: str = "tiny") -> gr.Blocks:
             [photos, use_example, prompt, base_in, steps, rank, passport_kind, passport_image, name, lr, resolution,
              batch_size, seed],
             [train_md, kohya_out, diffusers_out, key_out, commitment_out],
-            api_name="train", concurrency_id="heavy", concurrency_limit=1)
+            api_name="train", concurrency_id="heavy", concurrency_limit=1, show_progress_on=[train_md])
         train_evt.success(lambda k: (k, k, k) if k else (gr.skip(),) * 3, key_out,
                           [export_key, compare_key, verify_key], api_visibility="private", queue=False)
         export_btn.click(_guard(ws, h.export), [export_key, layout, export_name], [export_file, export_md],
@@ -731,15 +735,11 @@ def build_app(base: str = "tiny") -> gr.Blocks:
     return demo
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt
-
-
 def launch_kwargs(max_file_size: str | int | None = DEFAULT_MAX_FILE_SIZE) -> dict:
     """The arguments of ``demo.launch`` that make the app safe and look right (also used by the tests)."""
     theme = gr.themes.Soft(font=["system-ui", "Segoe UI", "Helvetica", "Arial", "sans-serif"],
                            font_mono=["ui-monospace", "Consolas", "monospace"])  # no web fonts: works offline
-    return dict(max_file_size=max_file_size, allowed_paths=[], show_error=False, theme=theme, css=CSS,
+    return dict(max_file_size=max_file_size, allowed_paths=[], show_error=False, theme=theme, css=CSS + COMPONENTS_CSS,
                 footer_links=["api"], ssr_mode=False)
 
 
@@ -754,12 +754,26 @@ def launch(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, base: str = "tiny
 
     resolve_base(base)  # a bad --base is one clear error before the server starts
     demo = build_app(base)
+    stop = threading.Event()
     if block and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)  # `kill`: close the server and remove the job folders, like Ctrl+C
-    try:
-        demo.launch(server_name=host, server_port=int(port), prevent_thread_lock=not block, quiet=quiet,
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())  # `kill`: close and clean up like Ctrl+C, quietly
+    try:  # quiet: Gradio's banner suggests share=True, which would publish the app (and the keys made in it)
+        demo.launch(server_name=host, server_port=int(port), prevent_thread_lock=True, quiet=True,
                     **launch_kwargs(max_file_size))
     except OSError as exc:
         demo.seal_workspace.cleanup()
         raise UserError(f"--host {host} --port {port}: cannot start the server ({exc}); is the port in use?") from exc
+    if not quiet:
+        print(f"seal-diffusion app running on {demo.local_url} (Ctrl+C to stop)", flush=True)
+    if block:
+        try:
+            while not stop.wait(0.2):
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            demo.close()
+            demo.seal_workspace.cleanup()
+            if not quiet:
+                print("seal-diffusion app stopped; its job folders are removed", flush=True)
     return demo

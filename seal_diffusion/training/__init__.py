@@ -24,8 +24,8 @@ same final factors as an uninterrupted run.
 The library entry points are :func:`train` (also used by the UI) and :func:`main` (the command line). Where the
 rest is: ``args`` (parser and checks), ``data`` (dataset, sampler), ``loss`` (the passport schedule's loss),
 ``checkpoints``, ``validation`` (validation and class images), ``outputs`` (key, public files), ``loop``
-(:func:`train`), ``command`` (:func:`main`). Held-out evaluation is :mod:`seal_diffusion.evaluation`; the fine-tuning attack is
-:mod:`seal_diffusion.finetune`.
+(:func:`train`), ``command`` (:func:`main`). Held-out evaluation is :mod:`seal_diffusion.evaluation`; the
+fine-tuning attack is :mod:`seal_diffusion.finetune`.
 """
 
 from .args import build_parser, check_args, parse_args

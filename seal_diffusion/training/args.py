@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import sys
@@ -12,12 +13,18 @@ from ..errors import UserError
 from ..lora_file import read_lora
 
 PROG = "train_dreambooth_seal.py"
+_prog = [PROG]  # the name warnings and usage carry: `seal-diffusion train` when run through the CLI
 DEFAULT_LR = {"seal": 1e-5, "lora": 5e-5}  # the SEAL paper, Table 12 (SD 1.5 DreamBooth)
 
 
 def warn(message: str) -> None:
     """The trainer's warnings: one line on stderr."""
-    print(f"{PROG}: warning: {message}", file=sys.stderr)
+    print(f"{_prog[0]}: warning: {message}", file=sys.stderr)
+
+
+def set_prog(name: str) -> None:
+    """Name the program in usage, errors and warnings (``train_dreambooth_seal.py`` or ``seal-diffusion train``)."""
+    _prog[0] = name
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,7 +36,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog=PROG,
+        prog=_prog[0],
         description="DreamBooth LoRA training for Stable Diffusion 1.5 with a SEAL watermark (a secret passport "
         "between the LoRA factors). Argument names follow diffusers' train_dreambooth_lora.py. Run it with "
         "`accelerate launch train_dreambooth_seal.py ...` for multi-GPU or mixed precision.",
@@ -41,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--config", default=None, help="local diffusers folder with the configs of a single-file checkpoint")
     g.add_argument("--allow_pickle", action="store_true", help="allow a pickle (.ckpt) base checkpoint you trust")
     g.add_argument("--revision", default=None, help="hub revision of the base model")
+    g.add_argument("--variant", default=None, help="weight variant of the base model's files, e.g. fp16")
     g.add_argument("--instance_data_dir", required=True, help="folder with the images of your subject")
     g.add_argument("--instance_prompt", required=True, help="prompt with the identifier, e.g. 'a photo of sks dog'")
     g.add_argument("--class_data_dir", default=None, help="folder of class images (generated if too few)")
@@ -62,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("network")
     g.add_argument("--method", choices=("seal", "lora"), default="seal",
                    help="seal (watermarked, default) or lora (plain LoRA through the same code, for comparison)")
+    g.add_argument("--train_text_encoder", action="store_true",
+                   help="not supported yet: the watermark lives in the UNet's attention layers only")
     g.add_argument("--rank", type=int, default=32, help="LoRA rank r (default 32, the SEAL paper's SD 1.5 setting)")
     g.add_argument("--init_lora", default=None,
                    help="--method lora only: start from this public LoRA file/folder (continued fine-tuning; its "
@@ -80,22 +90,38 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", default="lora-dreambooth-model", help="output folder")
     g.add_argument("--output_name", default="lora", help="file stem of NAME.safetensors / NAME.sealkey")
-    g.add_argument("--force", action="store_true", help="replace an existing NAME.sealkey (the only way to do so)")
+    g.add_argument("--push_to_hub", action="store_true",
+                   help="upload the public files (NAME.safetensors, the diffusers file, README.md) to the Hugging Face "
+                   "Hub; never the key, checkpoints, logs or validation images")
+    g.add_argument("--hub_model_id", default=None, help="Hub repository for --push_to_hub (default: the folder name)")
+    g.add_argument("--hub_token", default=None, help="Hub token (default: your saved login)")
+    g.add_argument("--force", "--overwrite", dest="force", action="store_true",
+                   help="replace an existing NAME.sealkey and this folder's public files (the only way to do so)")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--max_train_steps", type=int, default=300, help="optimizer steps (default 300, as in the paper)")
+    g.add_argument("--max_train_steps", type=int, default=None,
+                   help="optimizer steps (default 300, as in the paper; overrides --num_train_epochs)")
+    g.add_argument("--num_train_epochs", type=int, default=None,
+                   help="train this many passes over the images instead (when --max_train_steps is not given)")
     g.add_argument("--train_batch_size", type=int, default=4, help="batch size per device (default 4)")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--learning_rate", type=float, default=None,
-                   help="default: 1e-5 for seal, 5e-5 for lora (the paper's Table 12)")
+                   help="default: 1e-5 for seal, 5e-5 for lora — the SEAL paper's SD 1.5 settings (Table 12), under "
+                   "which its watermark results were measured (diffusers' script defaults to 5e-4)")
+    g.add_argument("--scale_lr", action="store_true",
+                   help="multiply the learning rate by batch size × accumulation × processes (as diffusers does)")
     g.add_argument("--lr_scheduler", default="constant",
                    choices=("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"))
-    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--lr_warmup_steps", type=int, default=0,
+                   help="default 0 (diffusers: 500): with the default 300 steps a 500-step warmup would never reach "
+                   "the learning rate")
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--adam_weight_decay", type=float, default=1e-2)
     g.add_argument("--adam_epsilon", type=float, default=1e-8)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes (must be installed)")
+    g.add_argument("--allow_tf32", action="store_true", help="allow TF32 matmuls on Ampere+ GPUs (faster)")
     g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
                    help="default: accelerate's config (no when unset). A and B always stay fp32")
     g.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for UNet activation memory")
@@ -109,7 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--validation_prompt", default=None, help="prompt for validation images")
     g.add_argument("--num_validation_images", type=int, default=4)
     g.add_argument("--validation_steps", type=int, default=100, help="validate every N steps (and at the end)")
+    g.add_argument("--validation_epochs", type=int, default=None,
+                   help="validate after every N epochs instead of every --validation_steps steps")
     g.add_argument("--validation_inference_steps", type=int, default=25)
+    g.add_argument("--logging_dir", default="logs",
+                   help="log folder, relative to --output_dir (default logs): train_log.jsonl and the trackers'")
     g.add_argument("--report_to", default=None,
                    help="tensorboard, wandb, all or none (default: tensorboard when installed, else none)")
     g.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -129,8 +159,19 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         if not cond:
             raise UserError(msg)
 
-    need(args.max_train_steps is not None and args.max_train_steps >= 1,
+    epochs = getattr(args, "num_train_epochs", None)
+    need(epochs is None or epochs >= 1, f"--num_train_epochs {epochs}: must be ≥ 1")
+    if args.max_train_steps is None and epochs is None:
+        args.max_train_steps = 300
+    need(args.max_train_steps is None or args.max_train_steps >= 1,
          f"--max_train_steps {args.max_train_steps}: must be ≥ 1")
+    need(not getattr(args, "train_text_encoder", False),
+         "--train_text_encoder: not supported yet (the watermark and the LoRA live in the UNet's attention layers)")
+    need(not getattr(args, "use_8bit_adam", False) or importlib.util.find_spec("bitsandbytes") is not None,
+         "--use_8bit_adam: needs bitsandbytes (pip install bitsandbytes), which is not installed")
+    need(getattr(args, "validation_epochs", None) is None or args.validation_epochs >= 1,
+         f"--validation_epochs {getattr(args, 'validation_epochs', None)}: must be ≥ 1")
+    need(bool(str(getattr(args, "logging_dir", "logs")).strip()), "--logging_dir: empty")
     need(args.rank >= 1, f"--rank {args.rank}: must be ≥ 1")
     if getattr(args, "init_lora", None):
         need(args.method == "lora", "--init_lora: only with --method lora (continued plain-LoRA fine-tuning)")

@@ -79,11 +79,12 @@ def save_checkpoint(accelerator, network, output_dir: Path, step: int, state: di
     tmp = output_dir / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     accelerator.save_state(str(tmp))
+    os.chmod(tmp, 0o700)  # private, like the key: the passports and raw factors are inside
     if network.is_seal:
         tensors = {}
         for name, (c, c_p) in network.passports().items():
             tensors[f"{name}.passport"], tensors[f"{name}.passport_p"] = c, c_p
-        save_safetensors_atomic(tensors, tmp / CHECKPOINT_PASSPORTS, {"format": "sealkey-passports"})
+        save_safetensors_atomic(tensors, tmp / CHECKPOINT_PASSPORTS, {"format": "sealkey-passports"}, private=True)
     write_json_atomic(tmp / CHECKPOINT_STATE, state)
     if final.exists():
         shutil.rmtree(final)

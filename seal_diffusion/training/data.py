@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..errors import UserError
 from ..images import image_to_tensor, load_image
 from .args import warn
 
@@ -31,18 +32,33 @@ def generator_for(seed: int, *parts) -> torch.Generator:
 
 
 class ImageSet:
-    """Images of one folder, decoded and resized once (kept in memory for DreamBooth-sized sets)."""
+    """Images of one folder, decoded and resized once (kept in memory for DreamBooth-sized sets).
 
-    def __init__(self, files: list[Path], resolution: int, warn: Callable[[str], None] = warn):
-        self.files = files
+    Unreadable files (truncated, corrupt) are skipped with one warning that lists them; only a folder with no
+    readable image left is an error (``arg`` names it)."""
+
+    def __init__(self, files: list[Path], resolution: int, warn: Callable[[str], None] = warn, arg: str = "images"):
         self.resolution = resolution
         self.warn = warn
         self._cache: dict[int, object] = {}
         keep = len(files) <= MAX_CACHED_IMAGES
-        for i, f in enumerate(files):  # decode everything now: a corrupt file fails before any training
-            im = load_image(f, resolution, warn)
+        good, bad = [], []
+        for f in files:  # decode everything now: a corrupt file is found before any training
+            try:
+                im = load_image(f, resolution, warn)
+            except UserError as exc:
+                bad.append((f, exc))
+                continue
             if keep:
-                self._cache[i] = im
+                self._cache[len(good)] = im
+            good.append(f)
+        if not good:
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise UserError(f"{arg}: no readable image left; {bad[0][1]}{more}")
+        if bad:
+            shown = ", ".join(f.name for f, _ in bad[:8]) + (", …" if len(bad) > 8 else "")
+            warn(f"{arg}: skipping {len(bad)} unreadable image(s): {shown}")
+        self.files = good
 
     def __len__(self) -> int:
         return len(self.files)

@@ -33,12 +33,14 @@ from ..errors import UserError
 from ..conditioning import encode_text
 from ..evaluation import default_resolution, training_noise_scheduler, vae_scale_factor
 from ..images import scan_image_dir
+from ..kohya_meta import training_metadata
 from ..network import DEFAULT_TARGETS, SealNetwork, find_target_modules
 from .args import check_args, warn
 from .checkpoints import read_checkpoint_passports, read_checkpoint_state, resolve_checkpoint, save_checkpoint
 from .data import DreamBoothDataset, EpochSampler, ImageSet, collate, derived_seed, generator_for
+from .hub import push_public_files
 from .loss import LossSetup
-from .outputs import write_outputs
+from .outputs import refuse_to_replace, write_outputs
 from .validation import ensure_class_images, run_validation
 
 TRAIN_LOG = "train_log.jsonl"
@@ -73,9 +75,11 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
     t_start = time.time()
     seal = args.method == "seal"
     output_dir = Path(args.output_dir).expanduser()
+    logs_dir = output_dir / getattr(args, "logging_dir", "logs")
     key_path = output_dir / f"{args.output_name}.sealkey"
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output_dir {output_dir}: exists and is not a folder")
+    _check_writable(output_dir)
     if seal and key_path.exists() and not args.force:
         raise UserError(f"{key_path}: key file already exists; refusing to train over it (pass --force to replace "
                         "it, or choose another --output_name/--output_dir)")
@@ -102,7 +106,7 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             mixed_precision=args.mixed_precision,
             log_with=report_to,
-            project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+            project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logs_dir)),
         )
     except (ValueError, RuntimeError) as exc:
         raise UserError(f"accelerate: {str(exc).splitlines()[0]} (check --mixed_precision / accelerate config)") from exc
@@ -118,7 +122,10 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
     seed, secret, secret_kdf = shared
     set_seed(seed)
 
-    pipe = load_pipeline(src, config=args.config, allow_pickle=args.allow_pickle, revision=args.revision)
+    if getattr(args, "allow_tf32", False):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    pipe = load_pipeline(src, config=args.config, allow_pickle=args.allow_pickle, revision=args.revision,
+                         variant=getattr(args, "variant", None))
     unet, vae = pipe.unet, pipe.vae
     resolution = args.resolution or default_resolution(pipe)
     if resolution % vae_scale_factor(vae):
@@ -126,11 +133,12 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
 
-    instance_set = ImageSet(instance_files, resolution, warn_main)
+    instance_set = ImageSet(instance_files, resolution, warn_main, f"--instance_data_dir {args.instance_data_dir}")
     class_set = None
     if args.with_prior_preservation:
         ensure_class_images(args, pipe, accelerator, seed)
-        class_set = ImageSet(scan_image_dir(args.class_data_dir, "--class_data_dir", warn_main), resolution, warn_main)
+        class_set = ImageSet(scan_image_dir(args.class_data_dir, "--class_data_dir", warn_main), resolution, warn_main,
+                             f"--class_data_dir {args.class_data_dir}")
 
     # -- passports ------------------------------------------------------------------------------------------------
     module_names = list(find_target_modules(unet, DEFAULT_TARGETS))
@@ -148,6 +156,7 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
                                                      args.passport_std)
     init_gen = passports_mod.init_generator(secret) if seal else None  # A's init follows the secret, not --seed
     del secret, shared
+    refuse_to_replace(output_dir, args.output_name, args.force)  # after the checkpoint checks, before any write
     if passports is not None:  # an image passport gives every module the same tensor: own copies (safetensors)
         passports = {m: (c.clone(), c_p.clone()) for m, (c, c_p) in passports.items()}
 
@@ -182,7 +191,18 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
                                          collate_fn=collate, num_workers=args.dataloader_num_workers)
 
-    optimizer = torch.optim.AdamW(network.trainable_parameters(), lr=args.learning_rate,
+    if args.max_train_steps is None:  # --num_train_epochs: passes over the data, as in diffusers
+        batches = math.ceil(math.ceil(len(dataset) / args.train_batch_size) / accelerator.num_processes)
+        args.max_train_steps = args.num_train_epochs * math.ceil(batches / args.gradient_accumulation_steps)
+    if getattr(args, "scale_lr", False):
+        args.scale_lr = False  # once: the model card then shows the rate actually used
+        args.learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    adamw = torch.optim.AdamW
+    if getattr(args, "use_8bit_adam", False):
+        import bitsandbytes  # optional, checked by check_args: only this flag needs it
+
+        adamw = bitsandbytes.optim.AdamW8bit
+    optimizer = adamw(network.trainable_parameters(), lr=args.learning_rate,
                                   betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
                                   eps=args.adam_epsilon)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
@@ -207,12 +227,12 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
 
     if main_proc:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "logs").mkdir(exist_ok=True)
+        logs_dir.mkdir(parents=True, exist_ok=True)
         if report_to:
             accelerator.init_trackers("dreambooth-lora", config={
                 k: getattr(args, k) for k in ("rank", "learning_rate", "max_train_steps", "train_batch_size",
                                               "gradient_accumulation_steps", "lr_scheduler")})
-    log_file = _open_train_log(output_dir / "logs" / TRAIN_LOG, global_step) if main_proc else None
+    log_file = _open_train_log(logs_dir / TRAIN_LOG, global_step) if main_proc else None
 
     progress = tqdm(total=args.max_train_steps, initial=global_step, desc="Steps", disable=not main_proc,
                     dynamic_ncols=True)
@@ -227,6 +247,7 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
                 "alpha": args.alpha, "passport_schedule": args.passport_schedule, "targets": list(network.targets),
                 "secret_kdf": secret_kdf}
 
+    validation_epochs = getattr(args, "validation_epochs", None)
     step_setup = LossSetup(network, vae, noise_scheduler, instance_emb, class_emb, args.prior_loss_weight,
                             args.passport_schedule if seal else None, dataset.latent_cache is not None, device,
                             weight_dtype)
@@ -270,7 +291,7 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
                         path = save_checkpoint(accelerator, network, output_dir, global_step, state(),
                                                args.checkpoints_total_limit)
                         progress.write(f"saved checkpoint {path} (private: holds the passports)")
-                    if (args.validation_prompt and global_step % args.validation_steps == 0
+                    if (args.validation_prompt and not validation_epochs and global_step % args.validation_steps == 0
                             and global_step < args.max_train_steps):
                         validation_images += run_validation(pipe, network, args, seed, f"step-{global_step:06d}",
                                                             output_dir / "validation", accelerator.autocast)
@@ -279,6 +300,9 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
                     break
             if global_step >= args.max_train_steps:
                 break
+            if main_proc and args.validation_prompt and validation_epochs and (epoch + 1) % validation_epochs == 0:
+                validation_images += run_validation(pipe, network, args, seed, f"epoch-{epoch + 1:04d}",
+                                                    output_dir / "validation", accelerator.autocast)
     finally:
         progress.close()
         if log_file is not None:
@@ -293,7 +317,15 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
         network.assign_release_passports()  # the secret coin, after training: what makes verification exact
     if main_proc:
         network.set_passport("C" if seal else "identity")
-        result = write_outputs(network, args, src, output_dir, global_step, resolution)
+        datasets = {"instance": (args.instance_prompt, len(instance_set))}
+        if class_set is not None:
+            datasets["class"] = (args.class_prompt, len(class_set))
+        facts = training_metadata(resolution=resolution, num_images=len(instance_set), prompts=datasets,
+                                  started_at=t_start, prediction_type=noise_scheduler.config.prediction_type)
+        result = write_outputs(network, args, src, output_dir, global_step, resolution, facts)
+        if getattr(args, "push_to_hub", False):
+            result["hub_url"] = push_public_files([result["lora_path"], result["diffusers_path"], result["model_card"]],
+                                                  args.hub_model_id or output_dir.resolve().name, token=args.hub_token)
         if args.validation_prompt:
             validation_images += run_validation(pipe, network, args, seed, "final", output_dir / "validation",
                                                 accelerator.autocast)
@@ -307,7 +339,7 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
         final_loss=losses[-1] if losses else None,
         losses=losses,
         validation_images=validation_images,
-        train_log=str(output_dir / "logs" / TRAIN_LOG),
+        train_log=str(logs_dir / TRAIN_LOG),
         train_seconds=train_seconds,
         steps_per_second=steps_run / train_seconds if train_seconds > 0 else float("nan"),
         total_seconds=time.time() - t_start,
@@ -321,6 +353,17 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
         _reset_accelerate_state()
     return result
 
+
+
+def _check_writable(output_dir: Path) -> None:
+    """Fail before training, not after it, when the output folder cannot be made (read-only, a parent is a file)."""
+    parent = output_dir
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"--output_dir {output_dir}: {parent} is a file, so the folder cannot be made")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--output_dir {output_dir}: {parent} is not writable")
 
 
 def _open_train_log(path: Path, resumed_step: int):

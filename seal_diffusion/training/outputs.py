@@ -6,35 +6,52 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..base_model import is_sdxl
+from ..errors import UserError
 from ..export import export_lora
 from ..fileio import write_text_atomic
 from ..fold import fold
 from ..keyfile import SealKey
-from ..base_model import is_sdxl
-from ..lora_file import write_lora
+from ..lora_file import DIFFUSERS_WEIGHT_NAME, write_lora
 from ..lora_names import SD_V1, SDXL
 from ..model_card import model_card, public_base_label
 
 
-def write_outputs(network, args, src, output_dir: Path, steps: int, resolution: int) -> dict:
-    """Key first (SEAL), then the public files. Returns the paths and the key commitment."""
+def public_paths(output_dir: Path, name: str) -> list[Path]:
+    """The public files a run named ``name`` writes into ``output_dir``: kohya file, diffusers file, model card."""
+    return [output_dir / f"{name}.safetensors", output_dir / DIFFUSERS_WEIGHT_NAME, output_dir / "README.md"]
+
+
+def refuse_to_replace(output_dir: Path, name: str, force: bool) -> None:
+    """A run must not silently replace another run's public files: the same ``--force`` as the key is needed."""
+    found = [p.name for p in public_paths(output_dir, name) if p.exists()]
+    if found and not force:
+        raise UserError(f"--output_dir {output_dir}: already holds {', '.join(found)} (an earlier run's public files);"
+                        " refusing to replace them (pass --force to replace them, or choose another --output_dir)")
+
+
+def write_outputs(network, args, src, output_dir: Path, steps: int, resolution: int,
+                  facts: dict[str, str] | None = None) -> dict:
+    """Key first (SEAL), then the public files (``facts``: the kohya file's training metadata). Returns the paths
+    and the key commitment."""
     name = args.output_name
-    kohya = output_dir / f"{name}.safetensors"
+    kohya, _, card_path = public_paths(output_dir, name)
     result = {"key_path": None, "commitment": None}
     if network.is_seal:
         key = SealKey.from_network(network, src.label, args.passport_source)
         key_path = output_dir / f"{name}.sealkey"
         key.save(key_path, force=args.force)  # private, atomic, first
         result.update(key_path=str(key_path), commitment=key.commitment())
-        export_lora(key, kohya, "kohya", name)
+        export_lora(key, kohya, "kohya", name, metadata=facts)
         diffusers_path = export_lora(key, output_dir, "diffusers", name)
     else:
         scale = network.alpha / network.rank
         public = {m: fold(a, b, None, scale) for m, (a, b) in network.factors().items()}
         arch = SDXL if is_sdxl(network.unet) else SD_V1
-        write_lora(public, kohya, "kohya", name, architecture=arch)
+        write_lora(public, kohya, "kohya", name, architecture=arch, metadata=facts)
         diffusers_path = write_lora(public, output_dir, "diffusers", name, architecture=arch)
-    card = write_text_atomic(output_dir / "README.md", model_card(name, public_base_label(src), args, steps, resolution))
+    card = write_text_atomic(card_path, model_card(name, public_base_label(src), args, steps, resolution,
+                                                   src.kind))
     result.update(lora_path=str(kohya), diffusers_path=str(diffusers_path), model_card=str(card))
     return result
 
