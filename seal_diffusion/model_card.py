@@ -11,23 +11,31 @@ from pathlib import Path
 
 def public_base_label(src) -> str:
     """The base model's name for the public model card: hub id, or just the file/folder name (no local paths)."""
-    return src.location if src.kind == "hub" else Path(src.location).name if src.kind != "tiny" else "tiny"
+    return src.location if src.kind in ("hub", "tiny") else Path(src.location).name
 
 
-def load_base_snippet(base: str, kind: str) -> str:
+def pipeline_name(xl: bool) -> str:
+    return "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline"
+
+
+def load_base_snippet(base: str, kind: str, xl: bool = False) -> str:
     """Python lines that load the base model in plain diffusers, for each kind of base (tiny, hub, folder, file)."""
+    cls = pipeline_name(xl)
     if kind == "tiny":
-        return ('# the tiny test base model as a diffusers folder (its trainer writes it with: tiny-model --out '
-                'tiny-model)\npipe = StableDiffusionPipeline.from_pretrained("tiny-model")')
+        flag, folder = (" --xl", "tiny-xl-model") if xl else ("", "tiny-model")
+        return (f'# the tiny test base model as a diffusers folder (its trainer writes it with: tiny-model{flag} --out '
+                f'{folder})\npipe = {cls}.from_pretrained("{folder}")')
     if kind == "folder":
-        return f'pipe = StableDiffusionPipeline.from_pretrained("path/to/{base}")  # your copy of the base model'
+        return f'pipe = {cls}.from_pretrained("path/to/{base}")  # your copy of the base model'
     if kind == "single_file":
-        return f'pipe = StableDiffusionPipeline.from_single_file("path/to/{base}")  # the base checkpoint'
-    return f'pipe = StableDiffusionPipeline.from_pretrained("{base}")'
+        return f'pipe = {cls}.from_single_file("path/to/{base}")  # the base checkpoint'
+    return f'pipe = {cls}.from_pretrained("{base}")'
 
 
-def model_card(name: str, base: str, args, steps: int, resolution: int, base_kind: str = "hub") -> str:
-    """A generic DreamBooth LoRA model card (nothing about passports, secrets, seeds or the method)."""
+def model_card(name: str, base: str, args, steps: int, resolution: int, base_kind: str = "hub",
+               xl: bool = False) -> str:
+    """A generic DreamBooth LoRA model card (nothing about passports, secrets, seeds or the method); ``xl``: the base
+    is an SDXL model."""
     prior = f"yes (class prompt: `{args.class_prompt}`)" if args.with_prior_preservation else "no"
     return f"""---
 base_model: {base}
@@ -35,7 +43,7 @@ library_name: diffusers
 instance_prompt: {json.dumps(args.instance_prompt)}
 tags:
 - text-to-image
-- stable-diffusion
+- {"stable-diffusion-xl" if xl else "stable-diffusion"}
 - diffusers
 - lora
 ---
@@ -58,8 +66,8 @@ Use `{args.instance_prompt}` in your prompt.
 ## Use with diffusers
 
 ```python
-from diffusers import StableDiffusionPipeline
-{load_base_snippet(base, base_kind)}
+from diffusers import {pipeline_name(xl)}
+{load_base_snippet(base, base_kind, xl)}
 pipe.load_lora_weights("path/to/this/folder")  # the folder holding this README
 image = pipe({json.dumps(args.instance_prompt)}, num_inference_steps=25).images[0]
 ```

@@ -95,6 +95,8 @@ def test_sdxl_dreambooth_run_exports_and_verifies(tmp_path, subject_dir):
     assert key.architecture == "sdxl_base_v1-0" and len(key.modules) == 560
     assert any(float(layer.lora_B.detach().abs().max()) > 0 for _, layer in net.items())  # it trained
     assert verify_path(key, out / "cat.safetensors").detected
+    card = (out / "README.md").read_text()
+    assert "base_model: tiny-xl" in card and 'StableDiffusionXLPipeline.from_pretrained("tiny-xl-model")' in card
 
     # the diffusers-layout export loads in StableDiffusionXLPipeline and gives the patched network's output (C)
     pipe = result["pipeline"]

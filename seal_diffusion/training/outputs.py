@@ -51,7 +51,7 @@ def write_outputs(network, args, src, output_dir: Path, steps: int, resolution: 
         write_lora(public, kohya, "kohya", name, architecture=arch, metadata=facts)
         diffusers_path = write_lora(public, output_dir, "diffusers", name, architecture=arch)
     card = write_text_atomic(card_path, model_card(name, public_base_label(src), args, steps, resolution,
-                                                   src.kind))
+                                                   src.kind, xl=is_sdxl(network.unet)))
     result.update(lora_path=str(kohya), diffusers_path=str(diffusers_path), model_card=str(card))
     return result
 
