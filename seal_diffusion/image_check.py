@@ -324,6 +324,7 @@ class ImageReport:
     n_images: int
     n_modules: int
     n_positive: int
+    exact: bool = True  # False for an image passport: no release coin, the p-value is indicative only
     statistic: str = "sign-flip over modules of <suspect - midpoint, d image / d t_l>"
     per_module: list[dict] = field(default_factory=list)
 
@@ -333,8 +334,9 @@ class ImageReport:
     def summary(self) -> str:
         verdict = ("DETECTED: these images were made with your LoRA (or a copy of it)" if self.detected
                    else "not detected")
+        note = "" if self.exact else "; indicative only: an image passport has no release coin"
         return (f"{verdict} (−log10 p = {self.neg_log10_p:.1f}, threshold {self.threshold}; {self.n_images} images, "
-                f"{self.n_positive} of {self.n_modules} modules lean the released way)")
+                f"{self.n_positive} of {self.n_modules} modules lean the released way{note})")
 
 
 def check_images(pipe, key: SealKey, challenge: Challenge, x_mid: torch.Tensor, suspect: torch.Tensor,
@@ -346,7 +348,7 @@ def check_images(pipe, key: SealKey, challenge: Challenge, x_mid: torch.Tensor, 
     d = directional_statistics(pipe, key, challenge, residual, index, progress=progress)
     nlp = sign_flip_neg_log10_p(list(d))
     return ImageReport(nlp >= threshold, nlp, threshold, len(index), len(d), int((d > 0).sum()),
-                       per_module=[{"module": n, "stat": float(v)} for n, v in zip(key.modules, d)])
+                       exact=not key.passport_source.startswith("image:"), per_module=[{"module": n, "stat": float(v)} for n, v in zip(key.modules, d)])
 
 
 # -- reading the suspect's images -----------------------------------------------------------------------------------------

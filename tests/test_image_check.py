@@ -47,8 +47,9 @@ def setup(owner_training, tmp_path_factory):
     ch = create_challenge(key, tmp / "challenge.json", base="tiny", prompt="a photo of sks cat", n=N, steps=STEPS,
                           size=SIZE, pipe=pipe)
     release = _with_lora(pipe, owner_training["diffusers_path"], ch, tmp / "release")
-    return dict(tmp=tmp, key=key, pipe=pipe, ch=ch, challenge=tmp / "challenge.json", release=release,
-                owner=owner_training)
+    s = dict(tmp=tmp, key=key, pipe=pipe, ch=ch, challenge=tmp / "challenge.json", release=release)
+    s["report"] = _check(s, release)
+    return s
 
 
 def _check(s, images, **kw):
@@ -59,7 +60,7 @@ def test_release_detected_from_its_images_even_after_jpeg_and_resize(setup):
     ref = reference_path(setup["key"], setup["ch"])
     assert stat.S_IMODE(ref.stat().st_mode) == 0o600  # private, beside the key
     assert "x_mid" not in setup["challenge"].read_text()
-    report = _check(setup, setup["release"])
+    report = setup["report"]
     assert report.detected, report.summary()
     for scale in (0.9, 1.1):
         out = []
@@ -75,7 +76,7 @@ def test_release_detected_from_its_images_even_after_jpeg_and_resize(setup):
 def test_decoy_keys_see_uniform_p_values(setup):
     """A key whose release coins were drawn otherwise is an innocent's key: x_mid is the same (M is symmetric) and
     every direction flips with its coin, so its statistics are the release's times random signs."""
-    d = np.array([m["stat"] for m in _check(setup, setup["release"]).per_module])
+    d = np.array([m["stat"] for m in setup["report"].per_module])
     rng = np.random.default_rng(0)
     p = np.array([10 ** -sign_flip_neg_log10_p(list(d * rng.choice([-1, 1], d.size))) for _ in range(300)])
     assert (p < 5e-4).sum() <= 2 and 0.01 <= (p < 0.05).mean() <= 0.10 and 0.4 <= (p < 0.5).mean() <= 0.6
