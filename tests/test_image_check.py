@@ -161,3 +161,21 @@ def test_cli_exit_codes(setup, tmp_path):
 
     assert main(["verify-images", "--key", str(setup["key"]), "--challenge", str(tmp_path / "none.json"),
                  str(setup["release"][0])]) == 2
+
+
+def test_app_tab_gives_the_verdict_in_plain_words(setup, tmp_path):
+    import gradio as gr
+
+    from ui.app import Workspace
+    from ui.image_check import _handlers
+
+    ws = Workspace()
+    try:
+        make, check = _handlers(ws, "tiny")
+        text = check(str(setup["key"]), str(setup["challenge"]), [str(p) for p in setup["release"]], "", 3.3)
+        assert "made with your LoRA" in text
+        with pytest.raises(UserError, match="Upload the challenge"):
+            check(str(setup["key"]), None, [str(p) for p in setup["release"]])
+        assert isinstance(gr.Markdown(text), gr.Markdown)
+    finally:
+        ws.cleanup()
