@@ -44,7 +44,8 @@ def distill(key, steps: int, latent: int, out: Path, seed: int = 0) -> Path:
     seal_network_for(teacher, key)
     net = SealNetwork(student.unet, 4, passports=None)
     prompts = ["a photo of sks cat", "sks cat on a beach", "a photo of a dog", "a landscape", "a red car",
-               "a portrait", "a photo of a cat", "sks cat in the snow", "a house", "flowers", "", "a drawing of sks cat"]
+               "a portrait", "a photo of a cat", "sks cat in the snow", "a house", "flowers", "",
+               "a drawing of sks cat"]
     with torch.no_grad():
         embeds = torch.cat([teacher.encode_prompt(p, "cpu", 1, False)[0] for p in prompts])
     opt = torch.optim.Adam(net.trainable_parameters(), lr=3e-3)

@@ -2,29 +2,27 @@
 private reference, and an exact sign-flip test on images a suspect service rendered for that challenge.
 
 **Why it is exact.** Per key module l, M_l = (C_l + C_p,l)/2 and D_l = (C_l − C_p,l)/2. The secret per-module
-release coin (:func:`seal_diffusion.passport.release_swap`) decided *after* training which of the two trained passports
-was released, i.e. the sign of D_l. Render the challenge with every layer's passport at M + t·D:
+release coin (:func:`seal_diffusion.passport.release_swap`) decided *after* training which of the two trained
+passports was released, i.e. the sign of D_l. Render the challenge with module l's passport at M_l + t_l·D_l:
 
 * x_mid (t = 0) does not depend on the coins;
-* the direction of layer l, g_l = x(t_l = +h) − x(t_l = −h) (the others at 0), flips sign with layer l's coin
-  (a central difference is exactly antisymmetric; a one-sided one would not be).
+* the direction of module l, J_l = ∂x/∂t_l at t = 0, flips sign with module l's coin (chain rule through D_l).
 
-For suspect images x_s, r = x_s − x_mid and the per-layer statistic is the ridge least-squares coefficient
-d = (GᵀG + λI)⁻¹ Gᵀ r (G's columns = the g_l; λ a fixed fraction of the mean diagonal). With G = G₀·diag(coins),
-d = diag(coins)·(G₀ᵀG₀ + λI)⁻¹G₀ᵀ r, so for any suspect that does not derive from the release (r independent of the
-coins) the signs of d_l are fair independent coins whatever their sizes, and the exact sign-flip p-value
-(:func:`seal_diffusion.verify.sign_flip_neg_log10_p`) is valid — for images of any service, any sampler, any
-post-processing. Matching the challenge (same seeds, sampler, steps, CFG) only buys *power*: r of a copy then carries
-the released coins in every layer's direction.
+For suspect images x_s, r = x_s − x_mid and d_l = ⟨r, J_l⟩. For any suspect that does not derive from the release
+(r independent of the coins) d_l = coin_l · ⟨r, J_l⁰⟩ with J_l⁰ coin-free, so the signs of the d_l are fair
+independent coins whatever their sizes, and the exact sign-flip p-value
+(:func:`seal_diffusion.verify.sign_flip_neg_log10_p`) is valid — for images of any service, sampler or
+post-processing. Matching the challenge (same seeds, sampler, steps, CFG, size) only buys *power*: r of a copy then
+points along Σ coin_l·J_l. One backward pass through the sampler (DDIM, CFG, VAE decoder) gives every d_l at once;
+measured against central finite differences, the two agree to the renders' float precision.
 
-**Where the comparison happens.** Pixel space, after both sides are brought to the challenge size (suspect images
-of another size are resized back) and averaged down to ``compare_size`` pixels a side (area filter): the passports'
-effect lives in the coarse structure of the image, while JPEG and resampling mostly disturb fine detail.
+**Where the comparison happens.** Pixel space, after both sides are brought to the challenge size (suspect images of
+another size are resized back) and averaged down to ``compare_size`` pixels a side (area filter).
 
-**Files.** The challenge (JSON) is public: give it to the suspect service. The reference (x_mid and the directions
-G, float16, in compare space) is private — it is computed from the key — and lives beside the key
-(``KEY.imgref-<challenge hash>.safetensors``, mode 0600), bound to the key's commitment and the challenge's SHA-256;
-a changed key or challenge makes it stale and it is rebuilt.
+**Files.** The challenge (JSON) is public: give it to the suspect service. x_mid is derived from the key, so it is
+private: it lives beside the key (``KEY.imgref-<challenge hash>.safetensors``, mode 0600), bound to the key's
+commitment and the challenge's SHA-256; a changed key or challenge makes it stale and it is rendered again. The
+directions are not stored: verification loads the base model and runs the backward pass.
 """
 
 from __future__ import annotations
@@ -62,7 +60,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 Progress = Callable[[int, int, str], object]
 
 
-# -- the challenge ------------------------------------------------------------------------------------------------------
+# -- the challenge -----------------------------------------------------------------------------------------------------
 @dataclass
 class Challenge:
     """What the suspect service is asked to render: entry i = prompt i with seed i (diffusers, torch CPU generator)."""
@@ -150,7 +148,7 @@ def make_challenge(key: SealKey, base_label: str, prompt: str, *, n: int = DEFAU
                      compare, key.commitment())
 
 
-# -- rendering ------------------------------------------------------------------------------------------------------------
+# -- rendering ---------------------------------------------------------------------------------------------------------
 def use_scheduler(pipe, name: str) -> None:
     import diffusers
 
@@ -252,7 +250,7 @@ def directional_statistics(pipe, key: SealKey, challenge: Challenge, residual: t
     return grad.numpy()
 
 
-# -- the private reference cache ----------------------------------------------------------------------------------------
+# -- the private reference cache ---------------------------------------------------------------------------------------
 def reference_path(key_path: str | os.PathLike, challenge: Challenge) -> Path:
     key_path = Path(key_path)
     return key_path.with_name(f"{key_path.stem}.imgref-{challenge.sha256()[:16]}.safetensors")
@@ -315,7 +313,7 @@ def owner_reference(key_path: str | os.PathLike, key: SealKey, challenge: Challe
     return x_mid
 
 
-# -- the test -------------------------------------------------------------------------------------------------------------
+# -- the test ----------------------------------------------------------------------------------------------------------
 @dataclass
 class ImageReport:
     detected: bool
@@ -348,10 +346,11 @@ def check_images(pipe, key: SealKey, challenge: Challenge, x_mid: torch.Tensor, 
     d = directional_statistics(pipe, key, challenge, residual, index, progress=progress)
     nlp = sign_flip_neg_log10_p(list(d))
     return ImageReport(nlp >= threshold, nlp, threshold, len(index), len(d), int((d > 0).sum()),
-                       exact=not key.passport_source.startswith("image:"), per_module=[{"module": n, "stat": float(v)} for n, v in zip(key.modules, d)])
+                       exact=not key.passport_source.startswith("image:"),
+                       per_module=[{"module": n, "stat": float(v)} for n, v in zip(key.modules, d)])
 
 
-# -- reading the suspect's images -----------------------------------------------------------------------------------------
+# -- reading the suspect's images --------------------------------------------------------------------------------------
 def _entry_number(path: Path) -> int | None:
     nums = re.findall(r"\d+", path.stem)
     return int(nums[-1]) if nums else None
@@ -443,7 +442,7 @@ def create_challenge(key_path: str | os.PathLike, out: str | os.PathLike, *, bas
     return challenge
 
 
-# -- command line ---------------------------------------------------------------------------------------------------------
+# -- command line ------------------------------------------------------------------------------------------------------
 def add_image_commands(subparsers) -> None:
     """Register ``challenge`` and ``verify-images`` (the CLI wires them in)."""
     p = subparsers.add_parser("challenge", help="write an image challenge (prompts, seeds, sampler) for the check "
