@@ -18,7 +18,6 @@ table, writes nothing outside a temporary folder.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import shutil
 import sys

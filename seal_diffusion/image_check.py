@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import secrets
@@ -56,7 +55,6 @@ DEFAULT_N = 32
 DEFAULT_STEPS = 10
 DEFAULT_GUIDANCE = 7.5
 DEFAULT_SCHEDULER = "DDIMScheduler"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 Progress = Callable[[int, int, str], object]
 
 

@@ -1,7 +1,6 @@
 """The check from generated images alone: the release is found in images it rendered (also after JPEG and
 resizing) and in a distilled copy's; innocents are not accused; bad input is one clear error."""
 
-import io
 import json
 import shutil
 import stat
