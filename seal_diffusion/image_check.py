@@ -141,7 +141,9 @@ def make_challenge(key: SealKey, base_label: str, prompt: str, *, n: int = DEFAU
     seeds = list(seeds) if seeds is not None else [secrets.randbelow(2 ** 31) for _ in range(n)]
     if len(seeds) != n:
         raise UserError(f"seeds: {len(seeds)} given for {n} images")
-    compare = compare_size or max(8, size // 2)
+    compare = compare_size or max(1, size // 2)
+    if not 0 < compare <= size:
+        raise UserError(f"--compare_size {compare}: must be between 1 and the image size {size}")
     return Challenge(base_label, prompts, [int(s) for s in seeds], scheduler, steps, guidance_scale, size, size,
                      compare, key.commitment())
 
