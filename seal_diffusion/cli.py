@@ -258,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .robustness import add_robustness_command
 
     add_robustness_command(sub)
+    from .image_check import add_image_commands
+
+    add_image_commands(sub)
 
     p = sub.add_parser("ui", help="the web app for creators: train, export, compare, verify (http://127.0.0.1:7860)")
     p.add_argument("--host", default="127.0.0.1",

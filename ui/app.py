@@ -709,6 +709,9 @@ def build_app(base: str = "tiny") -> gr.Blocks:
                                          interactive=False, elem_id="verify-chart")
                         passport_img = gr.Image(label="Your passport image, recovered from the files", type="filepath",
                                                 interactive=False, visible=False, elem_id="verify-passport")
+            from ui.image_check import image_check_tab
+
+            image_check_tab(ws, base)  # 5 · Check images
 
         # -- events --------------------------------------------------------------------------------------------------
         passport_kind.change(lambda k: gr.Image(visible=k == "image"), passport_kind, passport_image,
