@@ -21,4 +21,4 @@ def public_factors(key: SealKey) -> dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 def export_lora(key: SealKey, path: str | os.PathLike, layout: str, name: str = "lora", *, overwrite: bool = True) -> Path:
     """Write the public LoRA of ``key`` in ``layout`` (diffusers | kohya) to ``path``."""
-    return write_lora(public_factors(key), path, layout, name, overwrite=overwrite)
+    return write_lora(public_factors(key), path, layout, name, overwrite=overwrite, architecture=key.architecture)

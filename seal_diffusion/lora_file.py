@@ -24,7 +24,7 @@ import torch
 
 from .errors import UserError
 from .fileio import load_safetensors, save_safetensors_atomic
-from .lora_names import candidate_names, kohya_stem, ldm_names  # noqa: F401  (kohya_stem: re-exported)
+from .lora_names import ARCHITECTURE_METADATA, SD_V1, candidate_names, kohya_names, kohya_stem, ldm_names  # noqa: F401
 
 LAYOUTS = ("diffusers", "kohya")
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -130,9 +130,12 @@ def _add_factors(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.
 
 
 def lora_tensors(
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]], layout: str, name: str = "lora"
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]], layout: str, name: str = "lora", architecture: str = SD_V1
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a public file from ``{module: (A′, B′)}`` (scale already in B′)."""
+    """Tensors and metadata of a public file from ``{module: (A′, B′)}`` (scale already in B′).
+
+    ``architecture`` (``sd_v1`` | ``sdxl_base_v1-0``) picks the kohya names (SDXL: SGM block names) and metadata.
+    """
     if layout not in LAYOUTS:
         raise UserError(f"--format {layout!r}: expected one of {', '.join(LAYOUTS)}")
     tensors: dict[str, torch.Tensor] = {}
@@ -143,8 +146,9 @@ def lora_tensors(
             tensors[f"unet.{module}.lora_A.weight"] = a
             tensors[f"unet.{module}.lora_B.weight"] = b
         return tensors, {"format": "pt"}
+    stems = kohya_names(factors, architecture)
     for module, (a, b) in factors.items():
-        stem = kohya_stem(module)
+        stem = stems[module]
         tensors[f"{stem}.lora_down.weight"] = a
         tensors[f"{stem}.lora_up.weight"] = b
         tensors[f"{stem}.alpha"] = torch.tensor(float(a.shape[0]))  # alpha = rank → scale 1, B′ carries α/r
@@ -152,11 +156,9 @@ def lora_tensors(
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(float(rank)),
-        "ss_base_model_version": "sd_v1",
-        "ss_v2": "False",
+        **ARCHITECTURE_METADATA[architecture],
         "ss_output_name": name,
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-v1/lora",
         "modelspec.title": name,
     }
     return tensors, metadata
@@ -169,12 +171,14 @@ def write_lora(
     name: str = "lora",
     *,
     overwrite: bool = True,
+    architecture: str = SD_V1,
 ) -> Path:
-    """Write a public LoRA atomically. ``path`` may be a folder for the diffusers layout."""
+    """Write a public LoRA atomically. ``path`` may be a folder for the diffusers layout. ``architecture``: the base
+    model family (kohya names and metadata, see :func:`lora_tensors`)."""
     path = Path(path)
     if layout == "diffusers" and (path.is_dir() or path.suffix == ""):
         path = path / DIFFUSERS_WEIGHT_NAME
-    tensors, metadata = lora_tensors(factors, layout, name)
+    tensors, metadata = lora_tensors(factors, layout, name, architecture)
     return save_safetensors_atomic(tensors, path, metadata, overwrite=overwrite, what="LoRA file")
 
 

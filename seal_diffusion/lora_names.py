@@ -118,3 +118,33 @@ def _candidate_names(modules: list[str], unet_config: Mapping | None) -> dict[st
             out[ldm[m]] = m
             out[kohya_stem(ldm[m])] = m
     return out
+
+
+# -- the names and metadata a kohya file uses, per base-model family ---------------------------------------------------
+# kohya's ss_base_model_version values; the key records one of them (SealKey.architecture).
+SD_V1, SDXL = "sd_v1", "sdxl_base_v1-0"
+ARCHITECTURE_METADATA = {
+    SD_V1: {"ss_base_model_version": SD_V1, "ss_v2": "False",
+            "modelspec.architecture": "stable-diffusion-v1/lora"},
+    SDXL: {"ss_base_model_version": SDXL, "ss_v2": "False",
+           "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"},
+}
+
+
+def kohya_names(modules: Iterable[str], architecture: str = SD_V1) -> dict[str, str]:
+    """``{diffusers path: kohya stem}`` as kohya writes it for the family.
+
+    SD 1.x: ``lora_unet_`` + the diffusers path (what kohya's SD 1.5 files and our contract use). SDXL: ``lora_unet_`` +
+    the original SGM path (``input_blocks_4_1_transformer_blocks_0_attn1_to_q``), as kohya sd-scripts' SDXL LoRAs and
+    ComfyUI's SDXL key map name them; derived from the modules' own block layout (:func:`ldm_names`).
+    """
+    modules = list(modules)
+    if architecture not in ARCHITECTURE_METADATA:
+        raise ValueError(f"unknown architecture {architecture!r}; expected one of {sorted(ARCHITECTURE_METADATA)}")
+    if architecture == SD_V1:
+        return {m: kohya_stem(m) for m in modules}
+    ldm = ldm_names(modules)
+    missing = [m for m in modules if m not in ldm]
+    if missing:
+        raise ValueError(f"{missing[0]}: not an attention module of the UNet's blocks; no SGM name for it")
+    return {m: kohya_stem(ldm[m]) for m in modules}

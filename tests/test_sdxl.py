@@ -116,3 +116,40 @@ def test_sdxl_dreambooth_run_exports_and_verifies(tmp_path, subject_dir):
         base = load_pipeline("tiny-xl").unet(latents, t, **cond.unet_kwargs()).sample
     assert float((got - want).norm() / want.norm()) <= 1e-5
     assert float((base - want).norm()) > 0  # the LoRA does change the output
+
+    # the kohya file (SGM names) loads whole in the SDXL pipeline too, same output, SDXL metadata
+    from seal_diffusion.fileio import load_safetensors
+
+    tensors, meta = load_safetensors(out / "cat.safetensors")
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in tensors
+    assert not any(k.startswith("lora_unet_down_blocks") for k in tensors)
+    fresh = StableDiffusionXLPipeline.from_pretrained(tiny_model_dir(xl=True), local_files_only=True)
+    fresh.load_lora_weights(str(out / "cat.safetensors"))
+    with torch.no_grad():
+        got = fresh.unet(latents, t, **cond.unet_kwargs()).sample
+    assert float((got - want).norm() / want.norm()) <= 1e-5
+
+
+def test_sdxl_kohya_names_match_diffusers_conversion_on_full_size_unet():
+    """Every attention projection of the real SDXL UNet: our SGM kohya names, converted back by diffusers' own SGM →
+    diffusers conversion (what load_lora_weights runs), land on exactly the module they came from."""
+    from diffusers.loaders.lora_conversion_utils import (_convert_non_diffusers_lora_to_diffusers,
+                                                         _maybe_map_sgm_blocks_to_diffusers)
+
+    from seal_diffusion.lora_file import lora_tensors
+
+    modules = find_target_modules(build_sdxl_unet())
+    factors = {m: (torch.full((1, 1), float(i)), torch.ones(1, 1)) for i, m in enumerate(modules)}
+    tensors, meta = lora_tensors(factors, "kohya", "x", "sdxl_base_v1-0")
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    mapped = _maybe_map_sgm_blocks_to_diffusers(dict(tensors), build_sdxl_unet().config)
+    converted, _ = _convert_non_diffusers_lora_to_diffusers(mapped)
+    # diffusers names them in its attention-processor dialect: unet.<attn>.processor.to_q_lora.down.weight
+    back = {}
+    for k, v in converted.items():
+        if k.endswith("_lora.down.weight"):
+            attn, _, proj = k[len("unet."):-len("_lora.down.weight")].partition(".processor.")
+            back[f"{attn}.{'to_out.0' if proj == 'to_out' else proj}"] = float(v)
+    assert back == {m: float(i) for i, m in enumerate(modules)}  # 560 modules, each to itself

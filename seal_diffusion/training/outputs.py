@@ -10,7 +10,9 @@ from ..export import export_lora
 from ..fileio import write_text_atomic
 from ..fold import fold
 from ..keyfile import SealKey
+from ..base_model import is_sdxl
 from ..lora_file import write_lora
+from ..lora_names import SD_V1, SDXL
 from ..model_card import model_card, public_base_label
 
 
@@ -29,8 +31,9 @@ def write_outputs(network, args, src, output_dir: Path, steps: int, resolution: 
     else:
         scale = network.alpha / network.rank
         public = {m: fold(a, b, None, scale) for m, (a, b) in network.factors().items()}
-        write_lora(public, kohya, "kohya", name)
-        diffusers_path = write_lora(public, output_dir, "diffusers", name)
+        arch = SDXL if is_sdxl(network.unet) else SD_V1
+        write_lora(public, kohya, "kohya", name, architecture=arch)
+        diffusers_path = write_lora(public, output_dir, "diffusers", name, architecture=arch)
     card = write_text_atomic(output_dir / "README.md", model_card(name, public_base_label(src), args, steps, resolution))
     result.update(lora_path=str(kohya), diffusers_path=str(diffusers_path), model_card=str(card))
     return result
