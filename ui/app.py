@@ -36,6 +36,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from seal_diffusion.base_model import TINY_NAMES
 from seal_diffusion.errors import UserError
 from ui.components import CSS as COMPONENTS_CSS
 from ui.components import one_or_many
@@ -555,11 +556,16 @@ KEY_WARNING = """**Your private key (`.sealkey`) is the only proof that this LoR
 - Share only the public LoRA files and the commitment hash."""
 
 
+def base_choices(base: str) -> list[str]:
+    """The base models offered in the app: the built-in SD 1.5 and SDXL demo models, and the one it was started with."""
+    return list(dict.fromkeys([base.strip(), *TINY_NAMES]))
+
+
 def build_app(base: str = "tiny") -> gr.Blocks:
     """The Blocks app (queued). ``base`` fills the *Base model* fields; users may type another one."""
     ws = Workspace()
     h = Handlers(base, ws)
-    tiny = base.strip() == "tiny"
+    tiny = base.strip() in TINY_NAMES
     from seal_diffusion.subject import INSTANCE_PROMPT
 
     with gr.Blocks(title="seal-diffusion: watermark your LoRA", delete_cache=(1800, KEEP_SECONDS)) as demo:
@@ -581,9 +587,10 @@ def build_app(base: str = "tiny") -> gr.Blocks:
                         prompt = gr.Textbox(label="Instance prompt", value=INSTANCE_PROMPT, elem_id="train-prompt",
                                             info="Describe your subject with a rare made-up word ('sks'); use the "
                                                  "same words later to call it up.")
-                        base_in = gr.Textbox(label="Base model", value=base, elem_id="train-base",
-                                             info="'tiny' = built-in demo model; or a Stable Diffusion 1.5 model "
-                                                  "(hub id, folder or .safetensors file).")
+                        base_in = gr.Dropdown(label="Base model", choices=base_choices(base), value=base,
+                                              allow_custom_value=True, elem_id="train-base",
+                                              info="'tiny' / 'tiny-xl' = built-in SD 1.5 / SDXL demo models; or type "
+                                                   "an SD 1.5 or SDXL model (hub id, folder or .safetensors file).")
                         with gr.Row():
                             steps = gr.Number(label="Training steps", value=100 if tiny else 300, precision=0,
                                               minimum=1, elem_id="train-steps",
@@ -606,7 +613,7 @@ def build_app(base: str = "tiny") -> gr.Blocks:
                             lr = gr.Textbox(label="Learning rate", placeholder="automatic (1e-5, as in the SEAL "
                                             "paper)", elem_id="train-lr")
                             resolution = gr.Textbox(label="Resolution in pixels", placeholder="automatic (the "
-                                                    "model's own: 512 for SD 1.5, 64 for tiny)",
+                                                    "model's own: 512 for SD 1.5, 1024 for SDXL, 64 for tiny)",
                                                     elem_id="train-resolution")
                             batch_size = gr.Textbox(label="Images per step (batch size)", placeholder="4 (use 1 if "
                                                     "memory is short)", elem_id="train-batch")
@@ -654,7 +661,8 @@ def build_app(base: str = "tiny") -> gr.Blocks:
                     with gr.Column(scale=1):
                         compare_key = gr.File(label="Your private key (.sealkey)", type="filepath",
                                               elem_id="compare-key")
-                        compare_base = gr.Textbox(label="Base model", value=base, elem_id="compare-base")
+                        compare_base = gr.Dropdown(label="Base model", choices=base_choices(base), value=base,
+                                                   allow_custom_value=True, elem_id="compare-base")
                         compare_prompts = gr.Textbox(label="Prompt (one per line)", value=INSTANCE_PROMPT, lines=2,
                                                      elem_id="compare-prompts")
                         compare_seeds = gr.Textbox(label="Seeds (whole numbers, e.g. 0 1)", value="0 1",
