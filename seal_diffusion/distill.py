@@ -60,8 +60,11 @@ def _inputs(gen, n, shape, hidden_pool, sample_latents=None, scheduler=None):
 def distill_lora(lora_path, out, *, base="tiny", rank: int = 4, steps: int = 400, lr: float = 3e-3,
                  batch: int = 4, seed: int = 0, source: str = "random", prompts: list[str] | None = None,
                  n_samples: int = 8, sample_steps: int = 10, config=None, overwrite: bool = False,
-                 fidelity_inputs: int = 32, progress=None) -> DistillResult:
-    """Distil the LoRA at ``lora_path`` into a fresh rank-``rank`` LoRA written to ``out`` (kohya layout)."""
+                 fidelity_inputs: int = 32, latent_size: int | None = None, progress=None) -> DistillResult:
+    """Distil the LoRA at ``lora_path`` into a fresh rank-``rank`` LoRA written to ``out`` (kohya layout).
+
+    ``latent_size``: side of the random training latents (default the model's sample size; smaller is cheaper —
+    the UNet is convolutional — and is what the tests use)."""
     from .base_model import load_pipeline
     from .functional import merge_lora_into
     from .lora_file import write_lora
@@ -84,7 +87,7 @@ def distill_lora(lora_path, out, *, base="tiny", rank: int = 4, steps: int = 400
     pool = _prompt_pool(lora_path, prompts)
     hidden = torch.cat([encode_prompt(pipe, p, "cpu") for p in pool]).float()
     cfg = unet.config
-    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+    size = latent_size or (cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0])
     shape = (cfg.in_channels, size, size)
     scheduler = training_noise_scheduler(pipe)
     sample_latents = None
@@ -98,6 +101,7 @@ def distill_lora(lora_path, out, *, base="tiny", rank: int = 4, steps: int = 400
                      output_type="latent").images.float() for i in range(n_samples)])
         finally:
             pipe.unet = student_free
+        shape = tuple(sample_latents.shape[1:])
     net = SealNetwork(unet, rank, passports=None)
     opt = torch.optim.Adam(net.trainable_parameters(), lr=lr)
     loss_v = float("nan")
@@ -109,7 +113,7 @@ def distill_lora(lora_path, out, *, base="tiny", rank: int = 4, steps: int = 400
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        loss_v = float(loss)
+        loss_v = float(loss.detach())
         if progress:
             progress(step + 1, steps)
     fidelity = fidelity_kept(unet, teacher, net, hidden, shape, fidelity_inputs, seed + 7, scheduler, sample_latents)

@@ -238,7 +238,8 @@ def save_cache(cache: OwnerCache, path: str | os.PathLike, settings: str) -> Pat
     tensors = {"latents": cache.probes.latents, "timesteps": cache.probes.timesteps, "hidden": cache.probes.hidden,
                "f_mid": cache.f_mid, "directions": cache.directions}
     meta = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "commitment": cache.commitment, "base": cache.base,
-            "settings": settings, "modules": json.dumps(cache.modules), "probe_prompts": json.dumps(cache.probes.prompts),
+            "settings": settings, "modules": json.dumps(cache.modules),
+            "probe_prompts": json.dumps(cache.probes.prompts),
             "h": repr(cache.h)}
     data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=meta)
     with atomic_write(path, what="functional cache") as tmp:

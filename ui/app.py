@@ -37,6 +37,7 @@ from pathlib import Path
 import gradio as gr
 
 from seal_diffusion.errors import UserError
+from ui import functional as ui_functional
 
 log = logging.getLogger("seal_diffusion.ui")
 
@@ -675,9 +676,11 @@ def build_app(base: str = "tiny") -> gr.Blocks:
                                                            "into)", value=base, elem_id="verify-base")
                             threshold = gr.Number(label="Threshold for −log10 p (3.3 means p < 0.0005, the SEAL "
                                                         "paper's rule)", value=3.3, elem_id="verify-threshold")
+                        functional_box = ui_functional.checkbox()
                         verify_btn = gr.Button("Verify", variant="primary", elem_id="verify-btn")
                     with gr.Column(scale=2):
                         verdict = gr.Markdown("The verdict will appear here.", elem_id="verify-verdict")
+                        functional_md = ui_functional.panel()
                         verify_table = gr.Dataframe(headers=["file", "verdict", "evidence (−log10 p)", "threshold",
                                                              "layers compared", "format"], label="Results",
                                                     column_widths=["30%", "18%", "15%", "12%", "13%", "12%"],
@@ -705,8 +708,11 @@ def build_app(base: str = "tiny") -> gr.Blocks:
                           [compare_key, compare_base, compare_prompts, compare_seeds, compare_steps],
                           [gallery, table, spectra, compare_md],
                           api_name="compare", concurrency_id="heavy", concurrency_limit=1)
-        verify_btn.click(_guard(ws, h.verify), [verify_key, suspects, verify_base, threshold],
-                         [verdict, verify_table, chart, passport_img], api_name="verify", concurrency_limit=4)
+        verify_evt = verify_btn.click(_guard(ws, h.verify), [verify_key, suspects, verify_base, threshold],
+                                      [verdict, verify_table, chart, passport_img], api_name="verify",
+                                      concurrency_limit=4)
+        ui_functional.hook(verify_evt, verify_key, suspects, verify_base, threshold, functional_box, functional_md,
+                           clean=ws.clean)
 
     demo.queue(max_size=64)
     demo.seal_workspace = ws  # for tests and cleanup
