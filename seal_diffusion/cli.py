@@ -99,7 +99,7 @@ def cmd_verify(args) -> int:
 
         report = verify_both(args.key, args.suspect, args.base, threshold=args.threshold, statistic=args.statistic,
                              n_probes=args.probes, prompts=args.prompt, config=args.config,
-                             use_cache=not args.no_cache)
+                             use_cache=not args.no_cache, size=args.probe_size)
     else:
         report = verify_path(args.key, args.suspect, base=args.base, threshold=args.threshold,
                          statistic=args.statistic, config=args.config)
@@ -224,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("function-level test (survives distillation; needs --base)")
     g.add_argument("--functional", action="store_true",
                    help="also run the function-level test; the verdict combines both (Bonferroni: p = 2·min p)")
-    g.add_argument("--probes", type=int, default=16, help="secret probes of the function test (default 16)")
+    g.add_argument("--probes", type=int, default=8, help="secret probes of the function test (default 8)")
+    g.add_argument("--probe-size", type=int, help="latent side of the probes (default: the model's, 32 on tiny, "
+                   "64 on SD 1.5; smaller is cheaper and a little weaker)")
     g.add_argument("--prompt", action="append",
                    help="prompt for the probes, e.g. the LoRA's instance prompt (repeatable; default: the "
                    "instance prompt of a README.md beside the key, plus generic prompts)")

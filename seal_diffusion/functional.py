@@ -47,9 +47,9 @@ from .keyfile import SealKey
 
 CACHE_FORMAT = "sealkey-functional"
 CACHE_VERSION = "1"
-DEFAULT_PROBES = 16
+DEFAULT_PROBES = 8
 DEFAULT_H = 1.0
-DEFAULT_RIDGE = 1e-3  # λ relative to the mean diagonal of GᵀG
+DEFAULT_RIDGE = 1e-2  # λ relative to the mean diagonal of GᵀG (measured best of 0…1; 0 lets ill-posed layers blow up)
 TIMESTEP_RANGE = (50, 950)
 STATISTICS = ("ls", "projection")
 GENERIC_PROMPTS = (
@@ -106,11 +106,17 @@ def probe_prompts(instance_prompt: str | None, extra: list[str] | None = None) -
 
 
 def probe_size(unet) -> int:
-    """Default probe latent side: half the model's sample size, a multiple of its total downsampling."""
+    """Default probe latent side: the model's sample size (32 on the tiny default, 64 on SD 1.5). Half of it costs
+    ~4× less per probe and, on the tiny default, ~1.5 less −log10 p at 8 probes (measured: 11.8 vs 13.3)."""
     cfg = unet.config
-    native = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-    step = 2 ** (len(cfg.block_out_channels) - 1)
-    return max(step, (native // 2) // step * step)
+    return int(cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0])
+
+
+def check_probe_size(unet, size: int) -> int:
+    step = 2 ** (len(unet.config.block_out_channels) - 1)
+    if size < step or size % step:
+        raise UserError(f"--probe-size {size}: must be a positive multiple of {step} for this UNet")
+    return size
 
 
 @dataclass
@@ -127,9 +133,9 @@ class Probes:
 
 @torch.no_grad()
 def make_probes(pipe, key: SealKey, n: int, prompts: list[str], size: int | None = None) -> Probes:
-    """``n`` probes from the key's secret: N(0, I) latents (``size``² each; default the model's sample size / 2,
-    which costs ~4× less than full size), timesteps in [50, 950], prompts — half the probes use the first prompt of
-    the pool (the instance prompt), the rest are drawn from the whole pool."""
+    """``n`` probes from the key's secret: N(0, I) latents (``size``² each; default the model's sample size),
+    timesteps in [50, 950], prompts — half the probes use the first prompt of the pool (the instance prompt), the
+    rest are drawn from the whole pool."""
     from .training import encode_prompt
 
     if n < 1:
@@ -278,7 +284,7 @@ def owner_cache(key: SealKey, pipe, *, key_path=None, n_probes: int = DEFAULT_PR
     prompts = prompts or probe_prompts(instance_prompt_near(key_path))
     base_fp = base_fp or base_fingerprint(pipe.unet)
     commitment = key.commitment()
-    size = size or probe_size(pipe.unet)
+    size = check_probe_size(pipe.unet, size or probe_size(pipe.unet))
     settings = _settings(n_probes, prompts, h, size)
     path = cache_path(key_path, base_fp) if key_path is not None else None
     if path is not None and use_cache:
@@ -382,7 +388,7 @@ def combined_neg_log10_p(*nlps: float) -> float:
 def verify_functional(key: SealKey | str | os.PathLike, suspect_path: str | os.PathLike, base: str, *,
                       threshold: float = 3.3, n_probes: int = DEFAULT_PROBES, prompts: list[str] | None = None,
                       statistic: str = "ls", config=None, key_path=None, use_cache: bool = True,
-                      pipe=None) -> FunctionalReport:
+                      pipe=None, size: int | None = None) -> FunctionalReport:
     """Load the base, get the owner's cache, load the suspect into the base UNet and run the test.
 
     ``suspect_path``: a LoRA file/folder (merged into the base UNet) or a full model (its UNet is used)."""
@@ -400,7 +406,7 @@ def verify_functional(key: SealKey | str | os.PathLike, suspect_path: str | os.P
     pipe = pipe or load_pipeline(base, config=config)
     fp = base_fingerprint(pipe.unet)
     cache = owner_cache(key, pipe, key_path=key_path, n_probes=n_probes, prompts=prompts, base_fp=fp,
-                        use_cache=use_cache)
+                        use_cache=use_cache, size=size)
     if _is_checkpoint_path(suspect_path):
         unet = load_pipeline(str(suspect_path), config=config).unet
     else:
@@ -453,7 +459,8 @@ class CombinedReport:
 
 def verify_both(key_path: str | os.PathLike, suspect_path: str | os.PathLike, base: str, *,
                 threshold: float = 3.3, statistic: str = "contrast", n_probes: int = DEFAULT_PROBES,
-                prompts: list[str] | None = None, config=None, use_cache: bool = True, pipe=None) -> CombinedReport:
+                prompts: list[str] | None = None, config=None, use_cache: bool = True, pipe=None,
+                size: int | None = None) -> CombinedReport:
     """``verify --functional``: both tests, each judged at ``threshold`` alone, and the combined verdict."""
     from .base_model import load_pipeline
     from .verify import verify_path
@@ -464,5 +471,5 @@ def verify_both(key_path: str | os.PathLike, suspect_path: str | os.PathLike, ba
     weight = verify_path(key, suspect_path, base=base, threshold=threshold, statistic=statistic, config=config)
     pipe = pipe or load_pipeline(base, config=config)
     func = verify_functional(key, suspect_path, base, threshold=threshold, n_probes=n_probes, prompts=prompts,
-                             config=config, key_path=key_path, use_cache=use_cache, pipe=pipe)
+                             config=config, key_path=key_path, use_cache=use_cache, pipe=pipe, size=size)
     return CombinedReport(weight, func, threshold)

@@ -78,7 +78,8 @@ class Plan:
     loss_timesteps: int
     attack_fidelity: bool  # fidelity for every damaging attack (else pruning and fine-tuning only)
     distill: tuple[tuple[int, int], ...] = ()  # (student rank, steps) of each distillation row
-    functional_probes: int = 16
+    functional_probes: int = 8
+    functional_size: int | None = None  # probe latent side (default: the model's)
 
 
 def plan_for(quick: bool, *, finetune_lrs: Sequence[float] | None = None, finetune_steps: Sequence[int] | None = None,
@@ -560,7 +561,7 @@ def _distillation(plan, key, lora_path, pipe, base, config, threshold, seed, tmp
     from .functional import combined_neg_log10_p, functional_test, merge_lora_into, owner_cache, restore_weights, \
         suspect_outputs
 
-    cache = owner_cache(key, pipe, n_probes=plan.functional_probes, use_cache=False)
+    cache = owner_cache(key, pipe, n_probes=plan.functional_probes, use_cache=False, size=plan.functional_size)
     tick("function test: owner probes")
 
     def func(path) -> float:

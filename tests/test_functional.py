@@ -14,6 +14,7 @@ from seal_diffusion.keyfile import ModuleKey, SealKey
 from seal_diffusion.verify import sign_flip_neg_log10_p
 
 N_PROBES = 4
+SIZE = 16  # probe latent side: half the tiny default's, 4× cheaper (the CLI's --probe-size)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def fx(owner_training, tmp_path_factory):
     shutil.copy(os.path.join(owner_training["output_dir"], "README.md"), d / "README.md")
     key = SealKey.load(key_path)
     pipe = load_pipeline("tiny")
-    cache = F.owner_cache(key, pipe, key_path=key_path, n_probes=N_PROBES)
+    cache = F.owner_cache(key, pipe, key_path=key_path, n_probes=N_PROBES, size=SIZE)
     return dict(dir=d, key_path=str(key_path), key=key, pipe=pipe, cache=cache, lora=owner_training["lora_path"])
 
 
@@ -84,7 +85,8 @@ def test_null_is_exact_over_coin_flips_and_real_decoy_keys(fx):
         decoy = SealKey({n: ModuleKey(m.lora_A, m.lora_B, torch.randn(m.passport.shape, generator=g) * sigma,
                                       torch.randn(m.passport.shape, generator=g) * sigma)
                          for n, m in key.modules.items()}, key.rank, key.alpha)
-        dc = F.owner_cache(decoy, fx["pipe"], n_probes=2, prompts=cache.probes.prompts[:1] + list(F.GENERIC_PROMPTS))
+        dc = F.owner_cache(decoy, fx["pipe"], n_probes=2, prompts=cache.probes.prompts[:1] + list(F.GENERIC_PROMPTS),
+                           size=SIZE)
         rep = F.functional_test(dc, _outputs_for(fx, dc))
         assert not rep.detected, rep.neg_log10_p
 
@@ -133,7 +135,7 @@ def test_distilled_copy_escapes_the_weight_test_but_not_the_function_test(fx, tm
     mtime = cache_file.stat().st_mtime_ns
     out = tmp_path / "report.json"
     rc = main(["verify", "--key", fx["key_path"], str(res.path), "--base", "tiny", "--functional",
-               "--probes", str(N_PROBES), "--json", str(out)])
+               "--probes", str(N_PROBES), "--probe-size", str(SIZE), "--json", str(out)])
     printed = capsys.readouterr().out
     r = json.loads(out.read_text())
     assert rc == 0 and r["detected"] is True, printed
@@ -150,8 +152,7 @@ def test_cache_is_bound_to_key_and_base_and_never_public(fx, tmp_path):
     cache = fx["cache"]
     fp = F.base_fingerprint(fx["pipe"].unet)
     path = F.cache_path(fx["key_path"], fp)
-    settings = F._settings(N_PROBES, F.probe_prompts("a photo of sks cat"), F.DEFAULT_H,
-                           F.probe_size(fx["pipe"].unet))
+    settings = F._settings(N_PROBES, F.probe_prompts("a photo of sks cat"), F.DEFAULT_H, SIZE)
     assert F.load_cache(path, cache.commitment, fp, settings) is not None
     assert F.load_cache(path, "0" * 64, fp, settings) is None  # another key (commitment) → recompute
     assert F.load_cache(path, cache.commitment, "f" * 64, settings) is None  # another base → recompute
@@ -178,7 +179,26 @@ def test_app_panel_says_both_tests_in_plain_words(fx):
 
     hidden = ui_functional.run(fx["key_path"], [fx["lora"]], "tiny", 3.3, False)
     assert hidden.visible is False
-    shown = ui_functional.run(fx["key_path"], [fx["lora"]], "tiny", 3.3, True, n_probes=N_PROBES)
+    shown = ui_functional.run(fx["key_path"], [fx["lora"]], "tiny", 3.3, True, n_probes=N_PROBES, size=SIZE)
     text = shown.value
     assert "your LoRA — found" in text and "Weight test" in text and "Function test" in text
     assert "behaves" in text
+
+
+def test_robustness_distillation_rows(fx, tmp_path):
+    """The robustness report's distillation block: fidelity kept and both tests per row (a tiny 5-step copy)."""
+    from seal_diffusion.robustness import _distill_specs, _distillation, _Ticker, plan_for
+
+    assert plan_for(False).distill and not plan_for(True).distill
+    assert _distill_specs(["4:400", "8:100"]) == [(4, 400), (8, 100)]
+    plan = plan_for(True, distill=[(2, 5)])
+    plan.functional_probes, plan.functional_size = 2, SIZE
+    ticks = []
+    weight = lambda lf, name, fid=True: ({"neg_log10_p": 0.5}, None, None)  # noqa: E731 (the weight test is tested elsewhere)
+    out = _distillation(plan, fx["key"], fx["lora"], fx["pipe"], "tiny", None, 3.3, 0, tmp_path,
+                        _Ticker(100, lambda d, t, label: ticks.append(label)), {"neg_log10_p": 14.4}, [], weight)
+    release, copy = out["rows"]
+    assert release["functional_detected"] and release["combined_detected"]
+    assert copy["attack"] == "distill rank 2, 5 steps" and -1.0 < copy["fidelity_kept"] < 1.0
+    assert set(copy) >= {"neg_log10_p", "functional_neg_log10_p", "combined_neg_log10_p", "fidelity_kept"}
+    assert ticks

@@ -44,7 +44,8 @@ def _words(name: str, rep) -> str:
             f"two tests (Bonferroni: 2 × the smaller p).</span></div>")
 
 
-def run(key_file, suspect_files, base, threshold, enabled, clean=lambda s: s, n_probes: int | None = None):
+def run(key_file, suspect_files, base, threshold, enabled, clean=lambda s: s, n_probes: int | None = None,
+        size: int | None = None):
     """The panel's content: one plain-words verdict per suspect (or hidden when the box is not ticked)."""
     from seal_diffusion.functional import DEFAULT_PROBES, verify_both
     from seal_diffusion.verify import DEFAULT_THRESHOLD
@@ -69,7 +70,7 @@ def run(key_file, suspect_files, base, threshold, enabled, clean=lambda s: s, n_
 
                 pipe = load_pipeline(base)
             rep = verify_both(key_file, path, base, threshold=threshold, pipe=pipe,
-                              n_probes=n_probes or DEFAULT_PROBES)
+                              n_probes=n_probes or DEFAULT_PROBES, size=size)
             lines.append(_words(name, rep))
         except UserError as exc:
             lines.append(f"<div class='seal-verdict seal-error'><strong>{html.escape(name)}: function test could not "
