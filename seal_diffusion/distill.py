@@ -87,7 +87,8 @@ def distill_lora(lora_path, out, *, base="tiny", rank: int = 4, steps: int = 400
     pool = _prompt_pool(lora_path, prompts)
     hidden = torch.cat([encode_prompt(pipe, p, "cpu") for p in pool]).float()
     cfg = unet.config
-    size = latent_size or (cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0])
+    native = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+    size = latent_size or native
     shape = (cfg.in_channels, size, size)
     scheduler = training_noise_scheduler(pipe)
     sample_latents = None
@@ -116,7 +117,8 @@ def distill_lora(lora_path, out, *, base="tiny", rank: int = 4, steps: int = 400
         loss_v = float(loss.detach())
         if progress:
             progress(step + 1, steps)
-    fidelity = fidelity_kept(unet, teacher, net, hidden, shape, fidelity_inputs, seed + 7, scheduler, sample_latents)
+    fidelity = fidelity_kept(unet, teacher, net, hidden, (cfg.in_channels, native, native), fidelity_inputs, seed + 7,
+                             scheduler, sample_latents)
     factors = {m: (a, b * net.alpha / net.rank) for m, (a, b) in net.factors().items()}
     net.remove()
     path = write_lora(factors, out, "kohya", name=out.stem, overwrite=overwrite)

@@ -276,6 +276,38 @@ def load_cache(path: str | os.PathLike, commitment: str, base_fp: str, settings:
         return None
 
 
+def cached(key: SealKey, unet, key_path, *, n_probes: int = DEFAULT_PROBES, prompts: list[str] | None = None,
+           h: float = DEFAULT_H, base_fp: str | None = None, size: int | None = None) -> OwnerCache | None:
+    """The private cache beside ``key_path`` if it matches (key, base UNet, settings) — needs only the UNet."""
+    if key_path is None:
+        return None
+    prompts = prompts or probe_prompts(instance_prompt_near(key_path))
+    base_fp = base_fp or base_fingerprint(unet)
+    size = check_probe_size(unet, size or probe_size(unet))
+    return load_cache(cache_path(key_path, base_fp), key.commitment(), base_fp, _settings(n_probes, prompts, h, size))
+
+
+def load_unet(base: str, config=None):
+    """Only the base UNet (no text encoder, no transformers import) for a tiny/folder base; else the pipeline's."""
+    from .base_model import load_pipeline, resolve_base
+
+    src = resolve_base(base)
+    if src.kind in ("tiny", "folder"):
+        from diffusers import UNet2DConditionModel
+
+        if src.kind == "tiny":
+            from .tiny import tiny_model_dir
+
+            location = tiny_model_dir()
+        else:
+            location = src.location
+        try:
+            return UNet2DConditionModel.from_pretrained(location, subfolder="unet", local_files_only=True)
+        except Exception:  # an unusual folder: let the full loader explain what is wrong
+            pass
+    return load_pipeline(base, config=config).unet
+
+
 def owner_cache(key: SealKey, pipe, *, key_path=None, n_probes: int = DEFAULT_PROBES, prompts: list[str] | None = None,
                 h: float = DEFAULT_H, base_fp: str | None = None, use_cache: bool = True, progress=None,
                 size: int | None = None) -> OwnerCache:
@@ -403,14 +435,19 @@ def verify_functional(key: SealKey | str | os.PathLike, suspect_path: str | os.P
     suspect_path = Path(suspect_path)
     if not suspect_path.exists():
         raise UserError(f"{suspect_path}: suspect not found")
-    pipe = pipe or load_pipeline(base, config=config)
-    fp = base_fingerprint(pipe.unet)
-    cache = owner_cache(key, pipe, key_path=key_path, n_probes=n_probes, prompts=prompts, base_fp=fp,
-                        use_cache=use_cache, size=size)
+    base_unet = pipe.unet if pipe is not None else load_unet(base, config)  # enough when the cache is warm
+    fp = base_fingerprint(base_unet)
+    cache = cached(key, base_unet, key_path, n_probes=n_probes, prompts=prompts, base_fp=fp, size=size) \
+        if use_cache else None
+    if cache is None:
+        pipe = pipe or load_pipeline(base, config=config)
+        cache = owner_cache(key, pipe, key_path=key_path, n_probes=n_probes, prompts=prompts, base_fp=fp,
+                            use_cache=use_cache, size=size)
+        base_unet = pipe.unet
     if _is_checkpoint_path(suspect_path):
-        unet = load_pipeline(str(suspect_path), config=config).unet
+        unet = load_unet(str(suspect_path), config)
     else:
-        unet = pipe.unet
+        unet = base_unet
         originals = merge_lora_into(unet, suspect_path)
         try:
             f_s = suspect_outputs(unet, cache.probes)
@@ -462,14 +499,12 @@ def verify_both(key_path: str | os.PathLike, suspect_path: str | os.PathLike, ba
                 prompts: list[str] | None = None, config=None, use_cache: bool = True, pipe=None,
                 size: int | None = None) -> CombinedReport:
     """``verify --functional``: both tests, each judged at ``threshold`` alone, and the combined verdict."""
-    from .base_model import load_pipeline
     from .verify import verify_path
 
     if not base:
         raise UserError("--functional needs --base MODEL (the base model the LoRA was trained on)")
     key = SealKey.load(key_path)
     weight = verify_path(key, suspect_path, base=base, threshold=threshold, statistic=statistic, config=config)
-    pipe = pipe or load_pipeline(base, config=config)
     func = verify_functional(key, suspect_path, base, threshold=threshold, n_probes=n_probes, prompts=prompts,
                              config=config, key_path=key_path, use_cache=use_cache, pipe=pipe, size=size)
     return CombinedReport(weight, func, threshold)

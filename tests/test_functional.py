@@ -139,8 +139,9 @@ def test_distilled_copy_escapes_the_weight_test_but_not_the_function_test(fx, tm
     printed = capsys.readouterr().out
     r = json.loads(out.read_text())
     assert rc == 0 and r["detected"] is True, printed
-    assert r["weight"]["detected"] is False  # distillation defeats the weight test …
-    assert r["functional"]["detected"] is True and r["functional"]["n_probes"] == N_PROBES  # … not this one
+    # distillation leaves the weight test little (here < 3.3; longer runs sometimes keep a trace) …
+    assert r["functional"]["detected"] is True and r["functional"]["n_probes"] == N_PROBES  # … and this test finds it
+    assert r["functional"]["neg_log10_p"] > r["weight"]["neg_log10_p"] + 3
     assert set(r["functional"]) >= {"neg_log10_p", "detected", "n_probes", "n_modules", "n_positive"}
     assert r["neg_log10_p"] == pytest.approx(max(0.0, max(r["weight"]["neg_log10_p"],
                                                           r["functional"]["neg_log10_p"]) - math.log10(2)))
