@@ -582,7 +582,7 @@ def _distillation(plan, key, lora_path, pipe, base, config, threshold, seed, tmp
     for rank, steps in plan.distill:
         done0 = tick.done
         res = distill_lora(lora_path, tmp / f"distill-r{rank}-{steps}.safetensors", base=base, rank=rank,
-                           steps=steps, seed=seed, config=config, overwrite=True,
+                           steps=steps, seed=seed, config=config, overwrite=True, fidelity_inputs=16,
                            progress=lambda s, n: _advance(tick, done0 + s, f"distill rank {rank}: step {s}/{n}"))
         w, _, _ = check(read_lora(res.path), f"distill r{rank} {steps}", fid=False)
         rows.append(row(f"distill rank {rank}, {steps} steps", res.path, w["neg_log10_p"], res.fidelity))
