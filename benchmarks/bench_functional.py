@@ -117,16 +117,16 @@ def sd15_cost(batch: int = 2) -> dict:
         res[side] = {"cpu_s_per_sample": cpu / batch, "wall_s_per_sample": wall / batch}
         print(f"SD 1.5 forward at {side}×{side} latents (bf16 autocast): {wall / batch:.2f} s wall, "
               f"{cpu / batch:.2f} CPU s per sample")
-    per = res[64]["wall_s_per_sample"]  # the default probe: the model's own 64×64 latents
+    per = res[64]["cpu_s_per_sample"]  # the default probe: the model's own 64×64 latents (CPU s: robust to load)
     gpu = GPU_FORWARD_64_S
     n_layers = 128
     res.update(verify_s_per_probe=per, cache_s_per_probe=(2 * n_layers + 1) * per, gpu_forward_s=gpu,
                gpu_verify_s_per_probe=gpu, gpu_cache_s_per_probe=(2 * n_layers + 1) * gpu,
-               half_size_ratio=res[32]["wall_s_per_sample"] / per,
+               half_size_ratio=res[32]["cpu_s_per_sample"] / per,
                gpu_assumption=f"SD 1.5 UNet forward at 64x64, batch 1, fp16 = {GPU_FORWARD_64_S * 1000:.0f} ms "
                               "(A100-class GPU); the owner's cache batches its 257 settings, which only helps")
-    print(f"per probe, CPU: verify {per:.2f} s (suspect forward), owner cache {(2 * n_layers + 1) * per:.0f} s "
-          f"(257 forwards, once per key)")
+    print(f"per probe, CPU seconds: verify {per:.2f} (suspect forward), owner cache {(2 * n_layers + 1) * per:.0f} "
+          f"(257 forwards, once per key); the cache holds 128 × 4 × 64 × 64 fp32 = 8 MiB of directions per probe")
     print(f"projected GPU: verify {gpu * 1000:.0f} ms/probe, cache {(2 * n_layers + 1) * gpu:.1f} s/probe "
           f"({res['gpu_assumption']})")
     return res
