@@ -93,7 +93,7 @@ def plan_for(quick: bool, *, finetune_lrs: Sequence[float] | None = None, finetu
                     finetune_lrs=(5e-5,), gammas=tuple(round(0.1 * i, 1) for i in range(11)),
                     noise_stds=(0.1, 0.3, 1.0, 3.0), n_decoys=200, n_random=200, n_trained_innocents=2,
                     innocent_steps=60, optimise_steps=50, claim_seeds=(0, 1, 2, 3), loss_timesteps=8,
-                    attack_fidelity=True, distill=((4, 100), (4, 400), (8, 400)))
+                    attack_fidelity=True, distill=((4, 100), (4, 400)))
     if finetune_lrs:
         plan.finetune_lrs = tuple(float(x) for x in finetune_lrs)
     if finetune_steps:
@@ -994,7 +994,7 @@ def add_robustness_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--trained-innocents", dest="trained_innocents", type=int, default=None,
                    help="same-subject plain LoRAs to train as innocents (default 2; quick: 0)")
     p.add_argument("--distill", nargs="+", default=None, metavar="RANK:STEPS",
-                   help="distillation rows (student rank:steps; default 4:100 4:400 8:400; quick: none); each row "
+                   help="distillation rows (student rank:steps; default 4:100 4:400; quick: none); each row "
                    "reports fidelity kept, the weight test and the function-level test")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="detection threshold on −log10 p")
     p.add_argument("--seed", type=int, default=0)

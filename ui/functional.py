@@ -17,7 +17,7 @@ from seal_diffusion.errors import UserError
 
 def checkbox() -> gr.Checkbox:
     return gr.Checkbox(label="Function-level test too (also catches copies re-trained from your LoRA's outputs — "
-                             "'distilled'; needs the base model above; slower the first time for a key)",
+                             "'distilled'; uses the base model of Advanced settings; slow the first time for a key)",
                        value=False, elem_id="verify-functional")
 
 
