@@ -195,7 +195,9 @@ def test_robustness_distillation_rows(fx, tmp_path):
     plan = plan_for(True, distill=[(2, 5)])
     plan.functional_probes, plan.functional_size = 2, SIZE
     ticks = []
-    weight = lambda lf, name, fid=True: ({"neg_log10_p": 0.5}, None, None)  # noqa: E731 (the weight test is tested elsewhere)
+    def weight(lf, name, fid=True):  # the weight test itself is tested elsewhere
+        return {"neg_log10_p": 0.5}, None, None
+
     out = _distillation(plan, fx["key"], fx["lora"], fx["pipe"], "tiny", None, 3.3, 0, tmp_path,
                         _Ticker(100, lambda d, t, label: ticks.append(label)), {"neg_log10_p": 14.4}, [], weight)
     release, copy = out["rows"]
