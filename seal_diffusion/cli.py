@@ -77,8 +77,15 @@ def cmd_verify(args) -> int:
     from .fileio import write_json_atomic
     from .verify import verify_path
 
-    report = verify_path(args.key, args.suspect, base=args.base, threshold=args.threshold,
-                         statistic=args.statistic, config=args.config, commitment=args.commitment)
+    if args.functional:
+        from .functional import verify_both
+
+        report = verify_both(args.key, args.suspect, args.base, threshold=args.threshold, statistic=args.statistic,
+                             n_probes=args.probes, prompts=args.prompt, config=args.config,
+                             use_cache=not args.no_cache, size=args.probe_size, commitment=args.commitment)
+    else:
+        report = verify_path(args.key, args.suspect, base=args.base, threshold=args.threshold,
+                             statistic=args.statistic, config=args.config, commitment=args.commitment)
     print(report.summary())
     if args.json:
         write_json_atomic(args.json, report.to_json())
@@ -110,6 +117,18 @@ def cmd_attack(args) -> int:
     from .lora_file import read_lora
 
     method = args.method
+    if args.steps is None:
+        args.steps = 400 if method == "distill" else 100
+    if args.lr is None:
+        args.lr = 3e-3 if method == "distill" else 5e-5
+    if method == "distill":
+        from .distill import distill_lora
+
+        res = distill_lora(args.input, args.output, base=args.base or "tiny", rank=args.rank or 4, steps=args.steps,
+                           lr=args.lr, seed=args.seed, source=args.source, config=args.config,
+                           overwrite=args.overwrite)
+        print(f"distill: wrote {res.path} (rank {res.rank}, {res.steps} steps; fidelity kept {res.fidelity:.3f})")
+        return 0
     if method == "merge-checkpoint":
         if not args.base:
             raise UserError("attack merge-checkpoint: --base MODEL is required")
@@ -199,6 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=3.3, help="detect when -log10 p >= this (default 3.3, p < 5e-4)")
     p.add_argument("--statistic", default="contrast", choices=["contrast", "correlation"],
                    help="pooled statistic (see docs/verification.md)")
+    g = p.add_argument_group("function-level test (survives distillation; needs --base)")
+    g.add_argument("--functional", action="store_true",
+                   help="also run the function-level test; the verdict combines both (Bonferroni: p = 2·min p)")
+    g.add_argument("--probes", type=int, default=8, help="secret probes of the function test (default 8)")
+    g.add_argument("--probe-size", type=int, help="latent side of the probes (default: the model's, 32 on tiny, "
+                   "64 on SD 1.5; smaller is cheaper and a little weaker)")
+    g.add_argument("--prompt", action="append",
+                   help="prompt for the probes, e.g. the LoRA's instance prompt (repeatable; default: the "
+                   "instance prompt of a README.md beside the key, plus generic prompts)")
+    g.add_argument("--no-cache", action="store_true",
+                   help="do not read or write the private probe cache beside the key")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("scan", help="verify many files against one or many keys; table of verdicts",
@@ -222,11 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_scan)
 
     methods = ["prune", "finetune", "rescale", "permute", "mix", "pad-rank", "refactor-svd", "quantize", "noise",
-               "merge-lora", "merge-checkpoint", "ambiguity"]
+               "merge-lora", "merge-checkpoint", "ambiguity", "distill"]
     p = sub.add_parser("attack", help="apply one attack to a LoRA (or forge a passport: ambiguity)",
                        description="Apply one attack. IN/OUT are LoRA files, except: merge-checkpoint writes a "
                        "model (OUT.safetensors = single file, else a diffusers folder); ambiguity reads a key and "
-                       "writes a forged key whose C_p is fake (the claim check must reject it).")
+                       "writes a forged key whose C_p is fake (the claim check must reject it); distill trains a fresh plain "
+                       "LoRA to reproduce IN's noise predictions from random inputs (no images) and prints the "
+                       "fidelity kept.")
     p.add_argument("method", choices=methods)
     p.add_argument("input", help="input LoRA (a key for ambiguity)")
     p.add_argument("output", help="output path")
@@ -234,16 +266,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on", default="factors", choices=["factors", "delta"], help="prune: the factors or ΔW")
     p.add_argument("--factor", type=float, default=4.0, help="rescale: up×k, down÷k")
     p.add_argument("--extra", type=int, default=4, help="pad-rank: added rank")
-    p.add_argument("--rank", type=int, help="refactor-svd/merge-lora: truncate to this rank")
+    p.add_argument("--rank", type=int, help="refactor-svd/merge-lora: truncate to this rank; distill: student rank "
+                   "(default 4)")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "int8"], help="quantize: target precision")
     p.add_argument("--std", type=float, default=0.1, help="noise: std relative to each factor's RMS")
     p.add_argument("--other", help="merge-lora: the other LoRA")
     p.add_argument("--weight", type=float, default=1.0, help="merge-lora: weight of --other; merge-checkpoint: LoRA weight")
-    p.add_argument("--base", help="merge-checkpoint/finetune/ambiguity: base model (default tiny for finetune)")
+    p.add_argument("--base", help="merge-checkpoint/finetune/ambiguity/distill: base model (default tiny for "
+                   "finetune and distill)")
     p.add_argument("--config", help="local diffusers config folder for a single-file base")
     p.add_argument("--data", help="finetune/ambiguity: folder of subject images")
-    p.add_argument("--steps", type=int, default=100, help="finetune/ambiguity(optimised): training steps")
-    p.add_argument("--lr", type=float, default=5e-5, help="finetune: learning rate")
+    p.add_argument("--steps", type=int, help="finetune/ambiguity(optimised): training steps (default 100); "
+                   "distill: default 400")
+    p.add_argument("--lr", type=float, help="finetune: learning rate (default 5e-5); distill: Adam lr (default 3e-3)")
+    p.add_argument("--source", default="random", choices=["random", "samples"],
+                   help="distill: random latents, or noised latents of images the input LoRA generates")
     p.add_argument("--mode", default="gamma", choices=["gamma", "random", "identity", "optimised"],
                    help="ambiguity: how the fake C_p is made")
     p.add_argument("--gamma", type=float, default=0.5, help="ambiguity gamma: share of the forgery mixed into C_p")

@@ -16,7 +16,10 @@ exactly the original module. The active passport (``mode``) is set by :class:`~s
 * ``"C"`` / ``"C_p"`` — use that passport;
 * ``"identity"`` — the passport replaced by I (the paper's N(B, A, ∅)); also the plain-LoRA mode;
 * ``"off"`` — the adapter contributes nothing (the base model);
-* ``"split"`` — the first ``split`` samples of the batch use C, the rest C_p.
+* ``"split"`` — the first ``split`` samples of the batch use C, the rest C_p;
+* ``"interp"`` — the passport M + t·D with M = (C + C_p)/2, D = (C − C_p)/2 and ``t`` = :attr:`interp_t` (a scalar
+  or one value per sample, may require grad): t = 1 is C, t = −1 is C_p, t = 0 the coin-free midpoint. Used by the
+  function-level test (:mod:`seal_diffusion.functional`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODES = ("C", "C_p", "identity", "off", "split")
+MODES = ("C", "C_p", "identity", "off", "split", "interp")
 _MISSING = object()
 
 
@@ -64,6 +67,7 @@ class SealLoRALayer(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.mode = "C" if passport is not None else "identity"
         self.split = 0
+        self.interp_t: torch.Tensor | float = 0.0
         self._base = (base,)  # a tuple, so the frozen base is not registered as a child (no duplicate parameters)
         self._saved_forward = _MISSING
 
@@ -118,6 +122,13 @@ class SealLoRALayer(nn.Module):
             if not 0 <= k <= x.shape[0]:
                 raise ValueError(f"{self.name}: split {k} outside the batch of {x.shape[0]}")
             h = torch.cat([F.linear(x[:k], self._down(self.passport)), F.linear(x[k:], self._down(self.passport_p))])
+        elif self.mode == "interp":
+            t = self.interp_t
+            if isinstance(t, torch.Tensor) and t.dim() == 1:
+                t = t.view(-1, *([1] * (x.dim() - 1)))
+            mid = self._down((self.passport + self.passport_p) / 2)
+            half = self._down((self.passport - self.passport_p) / 2)
+            h = F.linear(x, mid) + t * F.linear(x, half)
         else:
             h = F.linear(x, self._down(self._passport_for(self.mode)))
         return F.linear(h, self.lora_B)

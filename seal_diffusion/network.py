@@ -171,12 +171,21 @@ class SealNetwork(nn.Module):
         """Make every layer use ``mode`` (C, C_p, identity, off, split); ``split`` = samples run with C."""
         if mode not in MODES:
             raise ValueError(f"unknown passport mode {mode!r}; choose from {MODES}")
-        if mode in ("C", "C_p", "split") and not self.is_seal:
+        if mode in ("C", "C_p", "split", "interp") and not self.is_seal:
             raise ValueError(f"mode {mode!r} needs passports; this is a plain LoRA network")
         self.mode = mode
         for layer in self._layers.values():
             layer.mode = mode
             layer.split = split
+
+    def set_interp(self, t: torch.Tensor) -> None:
+        """Mode ``interp`` with per-layer coefficients: layer i uses M_i + t[i]·D_i (``t``: L, or L × batch for one
+        value per sample; may require grad, then ∂output/∂t[i] is the direction of layer i's release coin)."""
+        if t.shape[0] != len(self._layers):
+            raise ValueError(f"interp: {t.shape[0]} coefficients for {len(self._layers)} layers")
+        self.set_passport("interp")
+        for layer, ti in zip(self._layers.values(), t):
+            layer.interp_t = ti
 
     @contextlib.contextmanager
     def passport(self, mode: str, split: int = 0) -> Iterator["SealNetwork"]:

@@ -77,10 +77,13 @@ class Plan:
     claim_seeds: tuple[int, ...]
     loss_timesteps: int
     attack_fidelity: bool  # fidelity for every damaging attack (else pruning and fine-tuning only)
+    distill: tuple[tuple[int, int], ...] = ()  # (student rank, steps) of each distillation row
+    functional_probes: int = 8
+    functional_size: int | None = None  # probe latent side (default: the model's)
 
 
 def plan_for(quick: bool, *, finetune_lrs: Sequence[float] | None = None, finetune_steps: Sequence[int] | None = None,
-             trained_innocents: int | None = None) -> Plan:
+             trained_innocents: int | None = None, distill: Sequence[tuple[int, int]] | None = None) -> Plan:
     if quick:
         plan = Plan(prune_ratios=(0.9, 0.99), finetune_steps=(0, 8), finetune_lrs=(5e-5,), gammas=(0.0, 1.0),
                     noise_stds=(0.3, 1.0), n_decoys=100, n_random=100, n_trained_innocents=0, innocent_steps=60,
@@ -90,13 +93,15 @@ def plan_for(quick: bool, *, finetune_lrs: Sequence[float] | None = None, finetu
                     finetune_lrs=(5e-5,), gammas=tuple(round(0.1 * i, 1) for i in range(11)),
                     noise_stds=(0.1, 0.3, 1.0, 3.0), n_decoys=200, n_random=200, n_trained_innocents=2,
                     innocent_steps=60, optimise_steps=50, claim_seeds=(0, 1, 2, 3), loss_timesteps=8,
-                    attack_fidelity=True)
+                    attack_fidelity=True, distill=((4, 100), (4, 400)))
     if finetune_lrs:
         plan.finetune_lrs = tuple(float(x) for x in finetune_lrs)
     if finetune_steps:
         plan.finetune_steps = tuple(sorted({0, *(int(s) for s in finetune_steps)}))
     if trained_innocents is not None:
         plan.n_trained_innocents = int(trained_innocents)
+    if distill is not None:
+        plan.distill = tuple((int(r), int(n)) for r, n in distill)
     return plan
 
 
@@ -115,6 +120,7 @@ def _plan_units(plan: Plan) -> int:
     n += sum(len(plan.finetune_steps) + sum(plan.finetune_steps) for _ in plan.finetune_lrs)
     n += 1 + len(plan.gammas) + len(FORGERY_MODES) + 1
     n += plan.n_trained_innocents * plan.innocent_steps + plan.n_decoys + plan.n_random + 1
+    n += sum(steps + 1 for _, steps in plan.distill) + (1 if plan.distill else 0)
     return n
 
 
@@ -337,7 +343,8 @@ def clopper_pearson_upper(k: int, n: int, confidence: float = 0.95) -> float:
 def run_robustness(key, lora, base="tiny", data=None, out_dir="robustness", *, quick: bool = False,
                    progress: Progress | None = None, prompt: str = "a photo of sks cat", config=None,
                    threshold: float = DEFAULT_THRESHOLD, seed: int = 0, finetune_lrs: Sequence[float] | None = None,
-                   finetune_steps: Sequence[int] | None = None, trained_innocents: int | None = None) -> dict:
+                   finetune_steps: Sequence[int] | None = None, trained_innocents: int | None = None,
+                   distill: Sequence[tuple[int, int]] | None = None) -> dict:
     """Run the attack matrix on the released ``lora`` with the owner's ``key``; write report.md, report.json and
     plots to ``out_dir``. Returns the report (the content of report.json) with ``files`` added.
 
@@ -355,7 +362,7 @@ def run_robustness(key, lora, base="tiny", data=None, out_dir="robustness", *, q
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = plan_for(quick, finetune_lrs=finetune_lrs, finetune_steps=finetune_steps,
-                    trained_innocents=trained_innocents)
+                    trained_innocents=trained_innocents, distill=distill)
     tick = _Ticker(_plan_units(plan), progress)
     modules = list(key.modules)
     prepared = prepare(key)  # key-side algebra once for the whole report
@@ -512,6 +519,13 @@ def run_robustness(key, lora, base="tiny", data=None, out_dir="robustness", *, q
         # 5b. innocents
         innocents = _innocents(key, release, base_suspect, trained, plan, threshold, seed, prepared, geometry, tick)
 
+        # 6. distillation: a fresh LoRA trained on the release's outputs; both tests per row
+        distillation = _distillation(plan, key, lora_path, pipe, base, config, threshold, seed, tmp, tick,
+                                     base_row, trained, check)
+        rows += [dict(group="distill", attack=d["attack"], neg_log10_p=d["neg_log10_p"], detected=d["detected"],
+                      functional_neg_log10_p=d["functional_neg_log10_p"], fidelity_kept=d["fidelity_kept"])
+                 for d in distillation["rows"] if d["attack"].startswith("distill")]
+
     report = {
         "meta": {"key": key_label, "lora": str(lora_path), "base": str(base), "data": str(data),
                  "prompt": prompt, "quick": quick, "threshold": threshold, "statistic": "contrast",
@@ -528,12 +542,56 @@ def run_robustness(key, lora, base="tiny", data=None, out_dir="robustness", *, q
         "claim_reference": claim_reference,
         "claim_library_check": library_check,
         "innocents": innocents,
+        "distillation": distillation,
     }
     report["seconds"] = time.time() - t0
     files = _write_report(report, out_dir)
     tick("report written")
     report["files"] = {k: str(v) for k, v in files.items()}
     return report
+
+
+def _distillation(plan, key, lora_path, pipe, base, config, threshold, seed, tmp: Path, tick, base_row, trained,
+                  check) -> dict:
+    """Rows for the release, each distilled copy and the trained innocents: fidelity kept, weight test, function
+    test (its probes computed once, not cached on disk) and the Bonferroni-combined verdict."""
+    if not plan.distill:
+        return {"rows": [], "n_probes": 0}
+    from .distill import distill_lora, fidelity_of
+    from .functional import combined_neg_log10_p, functional_test, merge_lora_into, owner_cache, restore_weights, \
+        suspect_outputs
+
+    cache = owner_cache(key, pipe, n_probes=plan.functional_probes, use_cache=False, size=plan.functional_size)
+    tick("function test: owner probes")
+
+    def func(path) -> float:
+        originals = merge_lora_into(pipe.unet, path)
+        try:
+            return functional_test(cache, suspect_outputs(pipe.unet, cache.probes), threshold).neg_log10_p
+        finally:
+            restore_weights(pipe.unet, originals)
+
+    def row(attack, path, weight_nlp, fid):
+        f = func(path)
+        comb = combined_neg_log10_p(weight_nlp, f)
+        return dict(attack=attack, fidelity_kept=fid, neg_log10_p=weight_nlp, detected=weight_nlp >= threshold,
+                    functional_neg_log10_p=f, functional_detected=f >= threshold, combined_neg_log10_p=comb,
+                    combined_detected=comb >= threshold)
+
+    rows = [row("none (the release)", lora_path, base_row["neg_log10_p"], 1.0)]
+    for rank, steps in plan.distill:
+        done0 = tick.done
+        res = distill_lora(lora_path, tmp / f"distill-r{rank}-{steps}.safetensors", base=base, rank=rank,
+                           steps=steps, seed=seed, config=config, overwrite=True, fidelity_inputs=16,
+                           progress=lambda s, n: _advance(tick, done0 + s, f"distill rank {rank}: step {s}/{n}"))
+        w, _, _ = check(read_lora(res.path), f"distill r{rank} {steps}", fid=False)
+        rows.append(row(f"distill rank {rank}, {steps} steps", res.path, w["neg_log10_p"], res.fidelity))
+        tick(f"distill rank {rank}, {steps} steps: verify")
+    for i, path in enumerate(trained):
+        w, _, _ = check(read_lora(path), f"innocent {i}", fid=False)
+        rows.append(row(f"innocent: same-subject plain LoRA #{i + 1}", path, w["neg_log10_p"],
+                        fidelity_of(path, lora_path, pipe=pipe)))
+    return {"rows": rows, "n_probes": plan.functional_probes}
 
 
 def _advance(tick: _Ticker, done: int, label: str) -> None:
@@ -764,6 +822,20 @@ def report_markdown(r: dict) -> str:
                      f"95 % upper bound {s['upper_95']:.2%}); at α = 0.1: {s['at_alpha_0.1']} "
                      f"(expected ≈ {0.1 * inn['n']:.0f} — the test is exact, not conservative).")
     lines += ["", "![innocents](innocents.png)", ""]
+    dist = r.get("distillation") or {}
+    if dist.get("rows"):
+        lines += ["## 6. Distillation (a fresh LoRA trained to reproduce the release's noise predictions)", "",
+                  "Fidelity kept = 1 − ‖f_copy − f_release‖²/‖f_base − f_release‖² on fresh random inputs. The weight "
+                  "test recovers the passport per layer; the function test (`verify --functional`, "
+                  f"{dist['n_probes']} secret probes) looks for the release coin in the model's outputs. Combined: "
+                  "Bonferroni, p = min(1, 2·min(p_weight, p_function)).", "",
+                  "| suspect | fidelity kept | weight −log10 p | function −log10 p | combined | detected |",
+                  "|---|---|---|---|---|---|"]
+        for d in dist["rows"]:
+            lines.append(f"| {d['attack']} | {_f(d['fidelity_kept'], 3)} | {_f(d['neg_log10_p'])} | "
+                         f"{_f(d['functional_neg_log10_p'])} | {_f(d['combined_neg_log10_p'])} | "
+                         f"{'yes' if d['combined_detected'] else 'no'} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -921,10 +993,26 @@ def add_robustness_command(subparsers) -> argparse.ArgumentParser:
                    help="fine-tune step counts (default 25 50 100; quick: 8)")
     p.add_argument("--trained-innocents", dest="trained_innocents", type=int, default=None,
                    help="same-subject plain LoRAs to train as innocents (default 2; quick: 0)")
+    p.add_argument("--distill", nargs="+", default=None, metavar="RANK:STEPS",
+                   help="distillation rows (student rank:steps; default 4:100 4:400; quick: none); each row "
+                   "reports fidelity kept, the weight test and the function-level test")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="detection threshold on −log10 p")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_robustness)
     return p
+
+
+def _distill_specs(specs) -> list[tuple[int, int]] | None:
+    if specs is None:
+        return None
+    out = []
+    for spec in specs:
+        r, _, n = str(spec).partition(":")
+        try:
+            out.append((int(r), int(n)))
+        except ValueError:
+            raise UserError(f"--distill {spec!r}: expected RANK:STEPS, e.g. 4:400") from None
+    return out
 
 
 def cmd_robustness(args) -> int:
@@ -942,11 +1030,14 @@ def cmd_robustness(args) -> int:
         report = run_robustness(args.key, args.lora, args.base, args.data, args.out, quick=args.quick,
                                 progress=progress, prompt=args.prompt, config=args.config, threshold=args.threshold,
                                 seed=args.seed, finetune_lrs=args.finetune_lr, finetune_steps=args.finetune_steps,
-                                trained_innocents=args.trained_innocents)
+                                trained_innocents=args.trained_innocents, distill=_distill_specs(args.distill))
     finally:
         bar.close()
     for a in report["attacks"]:
         print(f"{a['attack']:<60} −log10 p {a['neg_log10_p']:6.2f}  {'detected' if a['detected'] else 'NOT detected'}")
+    for d in (report.get("distillation") or {}).get("rows", []):
+        print(f"{d['attack']:<44} fidelity {d['fidelity_kept']:.3f}  weight {d['neg_log10_p']:5.2f}  "
+              f"function {d['functional_neg_log10_p']:5.2f}  {'detected' if d['combined_detected'] else 'NOT detected'}")
     inn = report["innocents"]
     print(f"innocents: {inn['neg_log10_p']['false_positives']} of {inn['n']} detected "
           f"(95 % upper bound {inn['neg_log10_p']['upper_95']:.2%}); claims fail from γ = {report['gamma_threshold']}")

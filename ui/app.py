@@ -40,6 +40,7 @@ from seal_diffusion.base_model import TINY_NAMES
 from seal_diffusion.errors import UserError
 from ui.components import CSS as COMPONENTS_CSS
 from ui.components import one_or_many
+from ui import functional as ui_functional
 
 log = logging.getLogger("seal_diffusion.ui")
 
@@ -705,9 +706,11 @@ def build_app(base: str = "tiny") -> gr.Blocks:
                                                    elem_id="verify-together")
                             commitment = gr.Textbox(label="Your published commitment (the key is refused unless it "
                                                           "matches)", value="", elem_id="verify-commitment")
+                        functional_box = ui_functional.checkbox()
                         verify_btn = gr.Button("Verify", variant="primary", elem_id="verify-btn")
                     with gr.Column(scale=2):
                         verdict = gr.Markdown("The verdict will appear here.", elem_id="verify-verdict")
+                        functional_md = ui_functional.panel()
                         verify_table = gr.Dataframe(headers=["file", "verdict", "evidence (−log10 p)", "threshold",
                                                              "layers compared", "format"], label="Results",
                                                     column_widths=["30%", "18%", "15%", "12%", "13%", "12%"],
@@ -738,8 +741,12 @@ def build_app(base: str = "tiny") -> gr.Blocks:
                           [compare_key, compare_base, compare_prompts, compare_seeds, compare_steps],
                           [gallery, table, spectra, compare_md],
                           api_name="compare", concurrency_id="heavy", concurrency_limit=1)
-        verify_btn.click(_guard(ws, h.verify), [verify_key, suspects, verify_base, threshold, together, commitment],
-                         [verdict, verify_table, chart, passport_img], api_name="verify", concurrency_limit=4)
+        verify_evt = verify_btn.click(_guard(ws, h.verify),
+                                      [verify_key, suspects, verify_base, threshold, together, commitment],
+                                      [verdict, verify_table, chart, passport_img], api_name="verify",
+                                      concurrency_limit=4)
+        ui_functional.hook(verify_evt, verify_key, suspects, verify_base, threshold, functional_box, functional_md,
+                           clean=ws.clean)
 
     demo.queue(max_size=64)
     demo.seal_workspace = ws  # for tests and cleanup
