@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .conditioning import Conditioning, encode_text
+
 from .errors import UserError
 
 SOURCES = ("random", "samples")
@@ -47,14 +49,14 @@ def _prompt_pool(lora_path, prompts: list[str] | None) -> list[str]:
 def _inputs(gen, n, shape, hidden_pool, sample_latents=None, scheduler=None):
     """A batch: latents, timesteps, text states (random latents, or noised samples of the release)."""
     t = torch.randint(0, scheduler.config.num_train_timesteps if scheduler else 1000, (n,), generator=gen)
-    idx = torch.randint(0, hidden_pool.shape[0], (n,), generator=gen)
+    idx = torch.randint(0, hidden_pool.batch, (n,), generator=gen)
     noise = torch.randn((n, *shape), generator=gen)
     if sample_latents is None:
         lat = noise
     else:
         pick = torch.randint(0, sample_latents.shape[0], (n,), generator=gen)
         lat = scheduler.add_noise(sample_latents[pick], noise, t)
-    return lat, t, hidden_pool[idx]
+    return lat, t, hidden_pool.index(idx)
 
 
 def distill_lora(lora_path, out, *, base="tiny", rank: int = 4, steps: int = 400, lr: float = 3e-3,
@@ -69,7 +71,7 @@ def distill_lora(lora_path, out, *, base="tiny", rank: int = 4, steps: int = 400
     from .functional import merge_lora_into
     from .lora_file import write_lora
     from .network import SealNetwork
-    from .training import encode_prompt, training_noise_scheduler
+    from .evaluation import training_noise_scheduler
 
     out = Path(out)
     if out.exists() and not overwrite:
@@ -85,7 +87,7 @@ def distill_lora(lora_path, out, *, base="tiny", rank: int = 4, steps: int = 400
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # the student's kaiming init
     pool = _prompt_pool(lora_path, prompts)
-    hidden = torch.cat([encode_prompt(pipe, p, "cpu") for p in pool]).float()
+    hidden = Conditioning.cat([encode_text(pipe, p, "cpu") for p in pool]).to(dtype=torch.float32)
     cfg = unet.config
     native = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
     size = latent_size or native
@@ -109,8 +111,8 @@ def distill_lora(lora_path, out, *, base="tiny", rank: int = 4, steps: int = 400
     for step in range(steps):
         lat, t, ehs = _inputs(gen, batch, shape, hidden, sample_latents, scheduler)
         with torch.no_grad():
-            target = teacher(lat, t, ehs).sample
-        loss = torch.nn.functional.mse_loss(unet(lat, t, ehs).sample, target)
+            target = teacher(lat, t, **ehs.unet_kwargs()).sample
+        loss = torch.nn.functional.mse_loss(unet(lat, t, **ehs.unet_kwargs()).sample, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -133,11 +135,11 @@ def fidelity_kept(unet, teacher, net, hidden, shape, n: int, seed: int, schedule
     mode = net.mode
     for s in range(0, n, 8):
         lat, t, ehs = _inputs(gen, min(8, n - s), shape, hidden, sample_latents, scheduler)
-        f_rel = teacher(lat, t, ehs).sample
+        f_rel = teacher(lat, t, **ehs.unet_kwargs()).sample
         net.set_passport(mode)
-        f_copy = unet(lat, t, ehs).sample
+        f_copy = unet(lat, t, **ehs.unet_kwargs()).sample
         net.set_passport("off")
-        f_base = unet(lat, t, ehs).sample
+        f_base = unet(lat, t, **ehs.unet_kwargs()).sample
         num += float(((f_copy - f_rel) ** 2).sum())
         den += float(((f_base - f_rel) ** 2).sum())
     net.set_passport(mode)
@@ -149,14 +151,13 @@ def fidelity_of(lora_copy, lora_release, base="tiny", n: int = 32, seed: int = 7
     from .base_model import load_pipeline
     from .functional import GENERIC_PROMPTS, merge_lora_into
     from .subject import INSTANCE_PROMPT
-    from .training import encode_prompt
 
     pipe = pipe or load_pipeline(base, config=config)
     unet = pipe.unet
     rel, cp = copy.deepcopy(unet), copy.deepcopy(unet)
     merge_lora_into(rel, lora_release)
     merge_lora_into(cp, lora_copy)
-    hidden = torch.cat([encode_prompt(pipe, p, "cpu") for p in (INSTANCE_PROMPT, *GENERIC_PROMPTS)]).float()
+    hidden = Conditioning.cat([encode_text(pipe, p, "cpu") for p in (INSTANCE_PROMPT, *GENERIC_PROMPTS)]).to(dtype=torch.float32)
     cfg = unet.config
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
     gen = torch.Generator().manual_seed(seed)
@@ -164,7 +165,7 @@ def fidelity_of(lora_copy, lora_release, base="tiny", n: int = 32, seed: int = 7
     with torch.no_grad():
         for s in range(0, n, 8):
             lat, t, ehs = _inputs(gen, min(8, n - s), (cfg.in_channels, size, size), hidden)
-            f_rel = rel(lat, t, ehs).sample
-            num += float(((cp(lat, t, ehs).sample - f_rel) ** 2).sum())
-            den += float(((unet(lat, t, ehs).sample - f_rel) ** 2).sum())
+            f_rel = rel(lat, t, **ehs.unet_kwargs()).sample
+            num += float(((cp(lat, t, **ehs.unet_kwargs()).sample - f_rel) ** 2).sum())
+            den += float(((unet(lat, t, **ehs.unet_kwargs()).sample - f_rel) ** 2).sum())
     return 1.0 - num / den if den > 0 else float("nan")

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from .conditioning import Conditioning, encode_text
 from .errors import UserError
 from .keyfile import SealKey
 
@@ -123,7 +124,7 @@ def check_probe_size(unet, size: int) -> int:
 class Probes:
     latents: torch.Tensor  # n × c × h × w
     timesteps: torch.Tensor  # n (int64)
-    hidden: torch.Tensor  # n × tokens × d (text encoder states)
+    cond: Conditioning  # the prompts' UNet conditioning (SD 1.x: text states; SDXL: + pooled text, time ids)
     prompts: list[str]  # the prompt of each probe
 
     @property
@@ -136,8 +137,6 @@ def make_probes(pipe, key: SealKey, n: int, prompts: list[str], size: int | None
     """``n`` probes from the key's secret: N(0, I) latents (``size``² each; default the model's sample size),
     timesteps in [50, 950], prompts — half the probes use the first prompt of the pool (the instance prompt), the
     rest are drawn from the whole pool."""
-    from .training import encode_prompt
-
     if n < 1:
         raise UserError(f"--probes {n}: need at least 1 probe")
     seed = int.from_bytes(probe_secret(key)[:8], "little")
@@ -149,9 +148,10 @@ def make_probes(pipe, key: SealKey, n: int, prompts: list[str], size: int | None
     picks = torch.randint(0, len(prompts), (n,), generator=gen).tolist()
     chosen = [prompts[0] if i % 2 == 0 else prompts[k] for i, k in enumerate(picks)]
     device = next(pipe.text_encoder.parameters()).device
-    cache: dict[str, torch.Tensor] = {}
-    hidden = torch.cat([cache.setdefault(p, encode_prompt(pipe, p, device).float().cpu()) for p in chosen])
-    return Probes(latents, timesteps, hidden, chosen)
+    cache: dict[str, Conditioning] = {}
+    cond = Conditioning.cat([cache.setdefault(p, encode_text(pipe, p, device).to("cpu", torch.float32))
+                             for p in chosen])
+    return Probes(latents, timesteps, cond, chosen)
 
 
 # -- the owner's side: f_mid and the directions ---------------------------------------------------------------------
@@ -169,9 +169,9 @@ def owner_network(unet, key: SealKey):
     return net
 
 
-def _unet_out(unet, latents, timesteps, hidden) -> torch.Tensor:
+def _unet_out(unet, latents, timesteps, cond: Conditioning) -> torch.Tensor:
     p = next(unet.parameters())
-    out = unet(latents.to(p.device, p.dtype), timesteps.to(p.device), hidden.to(p.device, p.dtype)).sample
+    out = unet(latents.to(p.device, p.dtype), timesteps.to(p.device), **cond.to(p.device, p.dtype).unet_kwargs()).sample
     return out.float().cpu()
 
 
@@ -198,7 +198,7 @@ def owner_directions(unet, key: SealKey, probes: Probes, h: float = DEFAULT_H, c
                 net.set_interp(t.to(p.device, p.dtype))
                 k = t.shape[1]
                 outs.append(_unet_out(unet, probes.latents[i:i + 1].expand(k, -1, -1, -1),
-                                      probes.timesteps[i:i + 1].expand(k), probes.hidden[i:i + 1].expand(k, -1, -1)))
+                                      probes.timesteps[i:i + 1].expand(k), probes.cond.index(slice(i, i + 1)).expand(k)))
             out = torch.cat(outs)
             f_mid.append(out[0])
             dirs.append((out[1:1 + L] - out[1 + L:]) / (2 * h))
@@ -241,8 +241,11 @@ def save_cache(cache: OwnerCache, path: str | os.PathLike, settings: str) -> Pat
 
     from .fileio import atomic_write
 
-    tensors = {"latents": cache.probes.latents, "timesteps": cache.probes.timesteps, "hidden": cache.probes.hidden,
+    cond = cache.probes.cond
+    tensors = {"latents": cache.probes.latents, "timesteps": cache.probes.timesteps, "hidden": cond.encoder_hidden_states,
                "f_mid": cache.f_mid, "directions": cache.directions}
+    if cond.text_embeds is not None:  # SDXL
+        tensors.update(text_embeds=cond.text_embeds, time_ids=cond.time_ids)
     meta = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "commitment": cache.commitment, "base": cache.base,
             "settings": settings, "modules": json.dumps(cache.modules),
             "probe_prompts": json.dumps(cache.probes.prompts),
@@ -269,7 +272,8 @@ def load_cache(path: str | os.PathLike, commitment: str, base_fp: str, settings:
             or meta.get("commitment") != commitment or meta.get("base") != base_fp or meta.get("settings") != settings):
         return None
     try:
-        probes = Probes(t["latents"], t["timesteps"], t["hidden"], json.loads(meta["probe_prompts"]))
+        cond = Conditioning(t["hidden"], t.get("text_embeds"), t.get("time_ids"))
+        probes = Probes(t["latents"], t["timesteps"], cond, json.loads(meta["probe_prompts"]))
         return OwnerCache(probes, t["f_mid"], t["directions"], json.loads(meta["modules"]), float(meta["h"]),
                           commitment, base_fp)
     except (KeyError, ValueError):
@@ -364,7 +368,7 @@ def restore_weights(unet, originals: dict[str, torch.Tensor]) -> None:
 def suspect_outputs(unet, probes: Probes, chunk: int = 16) -> torch.Tensor:
     """The suspect UNet's noise predictions on the probes (n × out)."""
     return torch.cat([_unet_out(unet, probes.latents[s:s + chunk], probes.timesteps[s:s + chunk],
-                                probes.hidden[s:s + chunk]) for s in range(0, probes.n, chunk)])
+                                probes.cond.index(slice(s, s + chunk))) for s in range(0, probes.n, chunk)])
 
 
 # -- the test ---------------------------------------------------------------------------------------------------------
