@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_dir", default="lora-dreambooth-model", help="output folder")
     g.add_argument("--output_name", default="lora", help="file stem of NAME.safetensors / NAME.sealkey")
     g.add_argument("--force", action="store_true", help="replace an existing NAME.sealkey (the only way to do so)")
+    g.add_argument("--timestamp_url", default=None, help="RFC 3161 timestamp authority: send NAME.tsq there after "
+                   "training and save the reply NAME.tsr (default: only write NAME.tsq and print the command)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--max_train_steps", type=int, default=300, help="optimizer steps (default 300, as in the paper)")
@@ -727,6 +729,9 @@ def write_outputs(network, args, src, output_dir: Path, steps: int, resolution: 
         diffusers_path = write_lora(public, output_dir, "diffusers", name)
     card = write_text_atomic(output_dir / "README.md", model_card(name, public_base_label(src), args, steps, resolution))
     result.update(lora_path=str(kohya), diffusers_path=str(diffusers_path), model_card=str(card))
+    from .timestamp import after_training  # NAME.tsq beside the key; the reply too with --timestamp_url
+
+    result.update(after_training(result["key_path"], getattr(args, "timestamp_url", None)))
     return result
 
 

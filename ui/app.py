@@ -688,6 +688,10 @@ def build_app(base: str = "tiny") -> gr.Blocks:
                         passport_img = gr.Image(label="Your passport image, recovered from the files", type="filepath",
                                                 interactive=False, visible=False, elem_id="verify-passport")
 
+            from ui.dispute_tab import dispute_tab
+
+            dispute_tab(ws, base, _guard)  # 5 · Dispute (api_name /dispute)
+
         # -- events --------------------------------------------------------------------------------------------------
         passport_kind.change(lambda k: gr.Image(visible=k == "image"), passport_kind, passport_image,
                              api_visibility="private", queue=False)
