@@ -58,7 +58,7 @@ USED_REL = 0.05  # directions with a singular value below 5 % of the largest are
 @dataclass
 class ModuleDifference:
     difference: float  # ‖Uᵀ D V‖ / ‖ΔW‖ in the LoRA's used directions
-    outside: float  # ‖D‖ outside those directions / ‖ΔW‖ (what padding forgeries produce)
+    outside: float  # ‖D‖ outside those directions / ‖ΔW‖ (reported, not tested: genuine pairs have some too)
     n_eff: float  # effective number of singular directions carrying D (1 … rank)
     rank: int  # directions the LoRA uses
 

@@ -1,8 +1,10 @@
 """The dispute: R2 (a genuinely trained pair) rejects every forger class, the owner passes; timestamps decide between
 valid claims; the report's JSON, exit codes and bad input."""
 
+import hashlib
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,7 +40,6 @@ def test_owner_is_a_genuine_pair(owner):
     v = check_genuine_pair(owner["key"], owner["pipe"], owner["data"], PROMPT)
     assert v.passed, v.detail
     m = v.measurements
-    assert m["outside"] < 1e-4, "a trained pair acts only in the LoRA's own directions"
     assert m["difference"] > 1.3 * MIN_DIFFERENCE and m["spread"] > 1.2 * MIN_SPREAD, v.detail
 
 
@@ -144,3 +145,14 @@ def test_app_dispute_handler(owner, tmp_path):
         assert "no subject images" in md and "claim 1" in md
     finally:
         ws.cleanup()
+
+
+def test_training_writes_the_timestamp_request(owner_training):
+    """The trainer leaves NAME.tsq beside the key: a request for exactly this key's commitment."""
+    from rfc3161_client._rust import parse_timestamp_request
+
+    tsq = Path(owner_training["key_path"]).with_suffix(".tsq")
+    assert owner_training["timestamp_request"] == str(tsq) and owner_training["timestamp_reply"] is None
+    imprint = parse_timestamp_request(tsq.read_bytes()).message_imprint.message
+    commitment = SealKey.load(owner_training["key_path"]).commitment()
+    assert imprint == hashlib.sha256(bytes.fromhex(commitment)).digest()
