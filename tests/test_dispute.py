@@ -57,12 +57,15 @@ def test_structural_forgeries_fail_r2(owner, tmp_path, mode, kw):
 
 
 def test_optimised_second_passport_fails_r2(owner, tmp_path):
-    """The reviewers' open question: C̃_p fitted on the subject's images with B̃, Ã fixed."""
+    """The reviewers' open question: C̃_p fitted on the subject's images with B̃, Ã fixed (a short fit here;
+    benchmarks/bench_genuine.py runs 60 steps and an adaptive variant)."""
     forged = forge(owner["public"], "optimised", seed=2, base=owner["pipe"], data=owner["data"], prompt=PROMPT,
-                   steps=40)
-    _old_checks_pass(owner, forged, tmp_path)
+                   steps=15)
+    path = forged.save(tmp_path / "forged.sealkey")
+    assert verify_path(path, owner["lora"]).reconstruction_error < 1e-4
     v = check_genuine_pair(forged, owner["pipe"], owner["data"], PROMPT)
     assert not v.passed, v.detail
+    assert v.measurements["loss_gap"] > 0.25, "a fitted C_p does not work as well as C: the fidelity test rejects it"
 
 
 def _rebased(key: SealKey, seed: int) -> SealKey:
@@ -71,10 +74,12 @@ def _rebased(key: SealKey, seed: int) -> SealKey:
     g = torch.Generator().manual_seed(seed)
     mods = {}
     for n, mk in key.modules.items():
-        r = torch.linalg.qr(torch.randn(key.rank, key.rank, generator=g, dtype=torch.float64))[0]
-        s = torch.linalg.qr(torch.randn(key.rank, key.rank, generator=g, dtype=torch.float64))[0]
-        mods[n] = ModuleKey((s @ mk.lora_A.double()).float(), (mk.lora_B.double() @ r).float(),
-                            (r.T @ mk.passport.double() @ s.T).float(), (r.T @ mk.passport_p.double() @ s.T).float())
+        while n not in mods or pair_problem(mods[n].passport, mods[n].passport_p):
+            r = torch.linalg.qr(torch.randn(key.rank, key.rank, generator=g, dtype=torch.float64))[0]
+            s = torch.linalg.qr(torch.randn(key.rank, key.rank, generator=g, dtype=torch.float64))[0]
+            mods[n] = ModuleKey((s @ mk.lora_A.double()).float(), (mk.lora_B.double() @ r).float(),
+                                (r.T @ mk.passport.double() @ s.T).float(),
+                                (r.T @ mk.passport_p.double() @ s.T).float())
     return SealKey(mods, key.rank, key.alpha, key.base_model, key.target_modules)
 
 
