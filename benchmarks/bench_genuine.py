@@ -2,7 +2,8 @@
 
 Trains N tiny SEAL runs (seeds × ranks 4 and 8 × passport schedules alternate and split; 60 steps each, as the test
 fixture), measures R2's quantities (difference, spread, function, loss gap) for each owner key, forges claims from
-each run's *public* file (pad, nilpotent, outside, flip, optimised, optimised+repel) and measures them the same way.
+each run's *public* file (pad, nilpotent, outside, flip, optimised; optimised+repel from a random start and from C̃,
+the adaptive forger) and measures them the same way.
 Prints one row per run and a margin table: the smallest genuine value and the largest forged value of each measure
 against its threshold. Not a timed test; ~1 min per run on a quiet 2-core machine (much more on a loaded one).
 
@@ -79,10 +80,10 @@ def main(argv=None) -> int:
             public = public_modules(out)
             for mode in ("pad", "nilpotent", "outside", "flip"):
                 measure(f"forged {mode}", i, forge(public, mode, seed=i))
-            for repel in (0.0, 1.0):
-                label = "forged optimised" + (" +repel" if repel else "")
+            for repel, start in ((0.0, "random"), (1.0, "random"), (1.0, "C")):
+                label = "forged optimised" + (f" +repel from {start}" if repel else "")
                 measure(label, i, forge(public, "optimised", seed=i, base=pipe, data=data, prompt=prompt,
-                                        steps=args.optimise_steps, repel=repel))
+                                        steps=args.optimise_steps, repel=repel, start=start))
 
     thresholds = {"difference": MIN_DIFFERENCE, "spread": MIN_SPREAD, "function": MIN_FUNCTION, "loss_gap": MAX_GAP}
     genuine = [r for r in rows if r["kind"].startswith("genuine")]

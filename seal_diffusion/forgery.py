@@ -103,9 +103,10 @@ def _module(mode: str, a1, b1, g, noise: float, outside_scale: float):
 
 def forge(public: dict[str, tuple[torch.Tensor, torch.Tensor]], mode: str, *, seed: int = 0, noise: float = 0.0,
           outside_scale: float = 0.3, base=None, data=None, prompt: str = "a photo of sks cat", steps: int = 60,
-          lr: float = 1e-2, repel: float = 0.0, base_model: str = "tiny") -> SealKey:
+          lr: float = 1e-2, repel: float = 0.0, start: str = "random", base_model: str = "tiny") -> SealKey:
     """A forged key for the public ``{module: (A′, B′)}`` (see the module docstring). ``optimised`` needs
-    ``base`` (a pipeline) and ``data`` (subject images)."""
+    ``base`` (a pipeline) and ``data`` (subject images); ``start`` is ``random`` (a fresh passport of C̃'s scale) or
+    ``C`` (C̃ plus 10 % noise: perfect quality at the start, the adaptive forger's best bet with ``repel``)."""
     g = torch.Generator().manual_seed(seed)
     modules = {}
     rank_mode = "flip" if mode == "optimised" else mode
@@ -116,11 +117,11 @@ def forge(public: dict[str, tuple[torch.Tensor, torch.Tensor]], mode: str, *, se
     rank = next(iter(modules.values())).passport.shape[0]
     key = SealKey(modules, rank, float(rank), base_model, [], "forged")
     if mode == "optimised":
-        key = _optimise(key, base, data, prompt, steps, lr, repel, seed)
+        key = _optimise(key, base, data, prompt, steps, lr, repel, seed, start)
     return key
 
 
-def _optimise(key: SealKey, pipe, data, prompt, steps, lr, repel, seed) -> SealKey:
+def _optimise(key: SealKey, pipe, data, prompt, steps, lr, repel, seed, start="random") -> SealKey:
     """Fit C̃_p on the subject's denoising loss (B̃, Ã, C̃ fixed) from a random start of C̃'s scale; ``repel`` weights
     a term that rewards a large B̃(C̃ − C̃_p)Ã relative to ΔW (capped at 1, so it cannot run away)."""
     from .compare import seal_network_for
@@ -133,7 +134,10 @@ def _optimise(key: SealKey, pipe, data, prompt, steps, lr, repel, seed) -> SealK
     params = {}
     try:
         for name, layer in net.items():
-            init = torch.randn(key.rank, key.rank, generator=g) * float(key.modules[name].passport.std())
+            c = key.modules[name].passport
+            init = torch.randn(key.rank, key.rank, generator=g) * float(c.std())
+            if start == "C":
+                init = c + 0.1 * init
             p = torch.nn.Parameter(init)
             params[name] = p
             layer.passport_p = p
