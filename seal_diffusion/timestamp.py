@@ -29,7 +29,9 @@ extended key usage *timeStamping*, and be valid at the reply's genTime; genTime 
   above in one reviewed place — PKCS#7 signature and chain to the given roots *at genTime*, signer identified by the
   signed issuer/serial, critical timeStamping EKU, imprint, nonce. It builds requests too.
 
-So we pick `rfc3161-client`; no DER is parsed by hand here. The TSA is contacted with the standard library's
+So we pick `rfc3161-client`; no DER is parsed by hand here. One known cost: it parses strict DER, so a reply whose
+certificate SET is not in DER order (seen with some TSAs that send a whole chain) is refused as unreadable — the
+error names the parse failure; such a reply can still be checked with ``openssl ts -verify``. The TSA is contacted with the standard library's
 ``urllib`` (HTTP POST, ``Content-Type: application/timestamp-query``), only when a URL is given.
 """
 
@@ -148,11 +150,14 @@ def check_reply(reply: bytes | str | os.PathLike, commitment: str, ca_file: str 
     try:
         resp = decode_timestamp_response(reply)
         status = resp.status
-        tst = resp.tst_info
     except Exception as exc:  # the parser raises ValueError and its own types for corrupt DER
         raise UserError(f"{label}: not a readable RFC 3161 timestamp reply (corrupt or wrong file: {exc})") from exc
     if status not in (PKIStatus.GRANTED, PKIStatus.GRANTED_WITH_MODS):
         raise UserError(f"{label}: the timestamp authority refused the request (status {status})")
+    try:
+        tst = resp.tst_info
+    except Exception as exc:
+        raise UserError(f"{label}: not a readable RFC 3161 timestamp reply (corrupt or wrong file: {exc})") from exc
     imprint = tst.message_imprint
     expected = {"2.16.840.1.101.3.4.2.1": hashlib.sha256, "2.16.840.1.101.3.4.2.2": hashlib.sha384,
                 "2.16.840.1.101.3.4.2.3": hashlib.sha512}.get(imprint.hash_algorithm.dotted_string)
