@@ -22,10 +22,11 @@ def run_dispute(suspect=None, key1=None, tsr1=None, key2=None, tsr2=None, ca=Non
     from ui.app import _copy_uploads, _need, _paths
 
     _need(_path(suspect) is not None, "Add the suspect LoRA file (the one in dispute).")
-    claims = []
-    for key, tsr in ((key1, tsr1), (key2, tsr2)):
+    claims, names = [], {}
+    for i, (key, tsr) in enumerate(((key1, tsr1), (key2, tsr2))):
         if _path(key) is not None:
             claims.append(ClaimInput(str(_path(key)), str(_path(tsr)) if _path(tsr) else None))
+            names[claims[-1].key] = f"claim {i + 1} ({_path(key).name})"
         else:
             _need(_path(tsr) is None, "A timestamp was added without its key: add the claimant's .sealkey too.")
     _need(bool(claims), "Add at least one claimant's key (.sealkey).")
@@ -36,7 +37,6 @@ def run_dispute(suspect=None, key1=None, tsr1=None, key2=None, tsr2=None, ca=Non
         _copy_uploads(_paths(photos), data)
     report = dispute(_path(suspect), claims, base=(base or "").strip() or default_base, data=data,
                      prompt=(prompt or "").strip() or "a photo of sks cat", ca=str(_path(ca)) if _path(ca) else None)
-    names = {c.key: f"claim {i + 1} ({_path(k).name})" for i, (c, k) in enumerate(zip(claims, [key1, key2]))}
     if report.winner:
         head = (f"<div class='seal-verdict seal-found'><strong>{names[report.winner]} wins.</strong> "
                 f"{report.reason}.</div>")
@@ -45,6 +45,7 @@ def run_dispute(suspect=None, key1=None, tsr1=None, key2=None, tsr2=None, ca=Non
     md = report.markdown()
     for key, label in names.items():
         md = md.replace(key, label)
+    md = md.replace(str(_path(suspect)), _path(suspect).name)
     json_path = write_json_atomic(job / "dispute.json", report.to_json())
     write_text_atomic(job / "dispute.md", md)
     return head, md, str(json_path)
