@@ -112,8 +112,8 @@ class DisputeReport:
                 "* **R2 genuine pair**: the key's second passport is a second, different adapter that works about as "
                 "well as the first — what training with two passports produces and what the forgeries we know of "
                 "(padding, null-space perturbation, weak-direction flip, fitted second passport) do not.",
-                "* **commitment / timestamp**: the key's SHA-256 and an RFC 3161 timestamp by a third party: proof that "
-                "this exact key existed at that time. The earliest valid, dated claim wins.",
+                "* **commitment / timestamp**: the key's SHA-256 and an RFC 3161 timestamp by a third party: proof "
+                "that this exact key existed at that time. The earliest valid, dated claim wins.",
                 "* **verify**: does the key detect the file? Shown for information: a thief's key can detect the "
                 "owner's file too, so detection does not say who came first.",
                 "", "No check can prove who *created* a LoRA; this report shows which key existed first and "

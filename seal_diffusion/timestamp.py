@@ -31,8 +31,10 @@ extended key usage *timeStamping*, and be valid at the reply's genTime; genTime 
 
 So we pick `rfc3161-client`; no DER is parsed by hand here. One known cost: it parses strict DER, so a reply whose
 certificate SET is not in DER order (seen with some TSAs that send a whole chain) is refused as unreadable — the
-error names the parse failure; such a reply can still be checked with ``openssl ts -verify``. The TSA is contacted with the standard library's
-``urllib`` (HTTP POST, ``Content-Type: application/timestamp-query``), only when a URL is given.
+error names the parse failure; such a reply can still be checked with ``openssl ts -verify``.
+
+The TSA is contacted with the standard library's ``urllib`` (HTTP POST, ``Content-Type:
+application/timestamp-query``), only when a URL is given.
 """
 
 from __future__ import annotations
@@ -129,7 +131,10 @@ def load_ca(ca_file: str | os.PathLike):
     except OSError as exc:
         raise UserError(f"--ca {path}: cannot read ({exc.strerror or exc})") from exc
     try:
-        certs = x509.load_pem_x509_certificates(data) if b"-----BEGIN" in data else [x509.load_der_x509_certificate(data)]
+        if b"-----BEGIN" in data:
+            certs = x509.load_pem_x509_certificates(data)
+        else:
+            certs = [x509.load_der_x509_certificate(data)]
     except ValueError as exc:
         raise UserError(f"--ca {path}: not a certificate file (PEM or DER)") from exc
     return certs

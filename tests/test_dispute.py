@@ -104,14 +104,15 @@ def test_dispute_earliest_valid_timestamp_wins(owner, tmp_path, tmp_path_factory
     assert report["winner"] == str(owner_path)
     claims = {c["key"]: c for c in report["claims"]}
     assert set(claims) == {str(forger_path), str(owner_path), str(thief_path)}
-    assert not claims[str(forger_path)]["valid"] and claims[str(owner_path)]["valid"] and claims[str(thief_path)]["valid"]
-    assert claims[str(forger_path)]["timestamp"] < claims[str(owner_path)]["timestamp"] < claims[str(thief_path)]["timestamp"]
+    forger_c, owner_c, thief_c = (claims[str(p)] for p in (forger_path, owner_path, thief_path))
+    assert not forger_c["valid"] and owner_c["valid"] and thief_c["valid"]
+    assert forger_c["timestamp"] < owner_c["timestamp"] < thief_c["timestamp"]
     for c in report["claims"]:
         assert c["timestamp"].endswith("Z")
         assert {"name", "passed", "detail"} <= set(c["checks"][0])
-    r2 = next(k for k in claims[str(forger_path)]["checks"] if k["name"] == "R2 genuine pair")
+    r2 = next(k for k in forger_c["checks"] if k["name"] == "R2 genuine pair")
     assert not r2["passed"]
-    cross = next(k for k in claims[str(thief_path)]["checks"] if k["name"].startswith("verify ") and
+    cross = next(k for k in thief_c["checks"] if k["name"].startswith("verify ") and
                  k["name"] != "verify suspect")
     assert cross["passed"], "the thief's key detects the owner's published file: verify cannot order claims"
     assert "Ownership dispute report" in md.read_text() and str(owner_path) in md.read_text()
