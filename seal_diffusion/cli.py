@@ -167,6 +167,22 @@ def cmd_attack(args) -> int:
     return 0
 
 
+def cmd_timestamp(args) -> int:
+    from .timestamp import stamp_command, stamp_key
+
+    done = stamp_key(args.key, args.tsa, args.ca, args.reply, args.timeout)
+    if done["request"]:
+        print(f"wrote the timestamp request {done['request']} (commitment {done['commitment']})")
+    stamp = done["stamp"]
+    if stamp:
+        print(f"timestamp OK: commitment {stamp.commitment} existed at {stamp.gen_time} (UTC), signed by {stamp.tsa}")
+    if done["reply"] and not stamp:
+        print(f"wrote the reply {done['reply']}, not checked against a CA: pass --ca (the TSA's CA certificate)")
+    if not args.tsa and not args.reply:
+        print(f"send it to a timestamp authority (before you publish): {stamp_command(args.key)}")
+    return 0
+
+
 # -- parser ---------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
@@ -306,6 +322,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default="tiny", help="base model preselected in the app (default: tiny)")
     p.add_argument("--max-file-size", default="1gb", help="largest upload accepted (default 1gb)")
     p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("timestamp", help="RFC 3161 timestamp of the key's commitment: write NAME.tsq, fetch and "
+                       "check NAME.tsr", description="Writes the request NAME.tsq beside the key. With --tsa, sends it "
+                       "to that timestamp authority and writes the checked reply NAME.tsr; with --reply, checks an "
+                       "existing reply. Stamp before you publish (docs/dispute.md).")
+    p.add_argument("--key", required=True, help="the private .sealkey file (only read)")
+    p.add_argument("--tsa", help="URL of an RFC 3161 timestamp authority (HTTP POST); none: only write the request")
+    p.add_argument("--ca", help="the TSA's CA certificate(s), PEM: the reply must chain to it")
+    p.add_argument("--reply", help="check this existing .tsr instead of fetching one (needs --ca)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the TSA (default 30)")
+    p.set_defaults(func=cmd_timestamp)
+
+    from .dispute import add_dispute_command
+
+    add_dispute_command(sub)
 
     p = sub.add_parser("commitment", help="print the SHA-256 commitment of a key (publish it with the LoRA)")
     p.add_argument("--key", required=True, help="the private .sealkey file")

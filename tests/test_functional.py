@@ -55,7 +55,8 @@ def hashlib_commitment(key):
 def test_release_reaches_far_beyond_the_threshold(fx):
     rep = F.functional_test(fx["cache"], _outputs(fx, fx["lora"]))
     assert rep.neg_log10_p >= 10, rep.neg_log10_p
-    assert rep.n_positive >= 44 and rep.n_modules == 48 and rep.n_probes == N_PROBES
+    # ≥ 40 of 48 layers on the release's side: under fair coins that alone has p ≈ 2e-6
+    assert rep.n_positive >= 40 and rep.n_modules == 48 and rep.n_probes == N_PROBES
 
 
 def test_null_is_exact_over_coin_flips_and_real_decoy_keys(fx):

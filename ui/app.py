@@ -724,6 +724,10 @@ def build_app(base: str = "tiny") -> gr.Blocks:
 
             image_check_tab(ws, base)  # 5 · Check images
 
+            from ui.dispute_tab import dispute_tab
+
+            dispute_tab(ws, base, _guard)  # 5 · Dispute (api_name /dispute)
+
         # -- events --------------------------------------------------------------------------------------------------
         passport_kind.change(lambda k: gr.Image(visible=k == "image"), passport_kind, passport_image,
                              api_visibility="private", queue=False)

@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hub_token", default=None, help="Hub token (default: your saved login)")
     g.add_argument("--force", "--overwrite", dest="force", action="store_true",
                    help="replace an existing NAME.sealkey and this folder's public files (the only way to do so)")
+    g.add_argument("--timestamp_url", default=None, help="RFC 3161 timestamp authority: send NAME.tsq there after "
+                   "training and save the reply NAME.tsr (default: only write NAME.tsq and print the command)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--max_train_steps", type=int, default=None,

@@ -15,6 +15,7 @@ from ..keyfile import SealKey
 from ..lora_file import DIFFUSERS_WEIGHT_NAME, write_lora
 from ..lora_names import SD_V1, SDXL
 from ..model_card import model_card, public_base_label
+from ..timestamp import after_training
 
 
 def public_paths(output_dir: Path, name: str) -> list[Path]:
@@ -53,5 +54,6 @@ def write_outputs(network, args, src, output_dir: Path, steps: int, resolution: 
     card = write_text_atomic(card_path, model_card(name, public_base_label(src), args, steps, resolution,
                                                    src.kind, xl=is_sdxl(network.unet)))
     result.update(lora_path=str(kohya), diffusers_path=str(diffusers_path), model_card=str(card))
+    result.update(after_training(result["key_path"], getattr(args, "timestamp_url", None)))  # NAME.tsq (and .tsr)
     return result
 

@@ -1,0 +1,94 @@
+"""RFC 3161 timestamps of a key's commitment, against a local CA and TSA made with the openssl command (no network)."""
+
+import subprocess
+
+import pytest
+import torch
+from tsa_helpers import LocalTSA
+
+from seal_diffusion.cli import main
+from seal_diffusion.errors import UserError
+from seal_diffusion.keyfile import ModuleKey, SealKey
+from seal_diffusion.timestamp import check_reply, stamp_key, write_request
+
+
+@pytest.fixture(scope="module")
+def tsa(tmp_path_factory):
+    return LocalTSA(tmp_path_factory.mktemp("tsa"))
+
+
+def _key(folder, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = ModuleKey(torch.randn(4, 8, generator=g), torch.randn(6, 4, generator=g), torch.randn(4, 4, generator=g),
+                   torch.randn(4, 4, generator=g))
+    key = SealKey({"m.to_q": mk}, 4, 4.0)
+    return key, key.save(folder / f"k{seed}.sealkey")
+
+
+def _bytes(path):
+    return path.read_bytes()
+
+
+def test_request_reply_roundtrip_and_openssl_agrees(tsa, tmp_path):
+    key, path = _key(tmp_path)
+    before = _bytes(path)
+    tsq, _ = write_request(path)
+    assert tsq == path.with_suffix(".tsq")
+    tsr = tsa.reply(tsq, path.with_suffix(".tsr"))
+    stamp = check_reply(tsr, key.commitment(), tsa.ca)
+    assert stamp.gen_time.endswith("Z") and stamp.gen_time[:4].isdigit() and "Test TSA" in stamp.tsa
+    # the documented independent check with plain openssl: imprint = SHA-256 of the commitment's 32 bytes
+    data = tmp_path / "commitment.bin"
+    data.write_bytes(bytes.fromhex(key.commitment()))
+    ok = subprocess.run(["openssl", "ts", "-verify", "-data", str(data), "-in", str(tsr), "-CAfile", str(tsa.ca)],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and "Verification: OK" in ok.stdout
+    assert _bytes(path) == before, "the key is never touched"
+
+
+def test_bad_replies_are_one_clear_line(tsa, tmp_path):
+    key, path = _key(tmp_path)
+    other, other_path = _key(tmp_path, seed=1)
+    tsq, _ = write_request(path)
+    good = tsa.reply(tsq, tmp_path / "good.tsr")
+    cases = {
+        "another hash": (tsa.reply(write_request(other_path)[0], tmp_path / "other.tsr"), tsa.ca),
+        "not trusted": (good, tsa.other_ca),
+        "expired": (tsa.reply(tsq, tmp_path / "expired.tsr", signer="expired.pem"), tsa.ca),
+        "corrupt": (tmp_path / "corrupt.tsr", tsa.ca),
+    }
+    (tmp_path / "corrupt.tsr").write_bytes(_bytes(good)[: len(_bytes(good)) // 2])
+    messages = {}
+    for name, (reply, ca) in cases.items():
+        with pytest.raises(UserError) as exc:
+            check_reply(reply, key.commitment(), ca)
+        messages[name] = str(exc.value)
+        assert "\n" not in messages[name]
+    assert "another hash" in messages["another hash"]
+    assert "not trusted" in messages["not trusted"] and "not trusted" in messages["expired"]
+    assert "corrupt" in messages["corrupt"]
+    # the CLI: exit 2, one line, key untouched
+    before = _bytes(path)
+    for name, (reply, ca) in cases.items():
+        assert main(["timestamp", "--key", str(path), "--reply", str(reply), "--ca", str(ca)]) == 2, name
+    assert _bytes(path) == before
+    assert main(["timestamp", "--key", str(path), "--reply", str(good), "--ca", str(tsa.ca)]) == 0
+
+
+def test_http_tsa_end_to_end(tsa, tmp_path, capsys):
+    key, path = _key(tmp_path)
+    url, server = tsa.serve()
+    try:
+        done = stamp_key(path, url, tsa.ca)
+        assert done["stamp"].commitment == key.commitment()
+        assert path.with_suffix(".tsr").is_file() and path.with_suffix(".tsq").is_file()
+        check_reply(path.with_suffix(".tsr"), key.commitment(), tsa.ca)
+        assert main(["timestamp", "--key", str(path), "--tsa", url, "--ca", str(tsa.ca)]) == 0
+        assert "UTC" in capsys.readouterr().out
+    finally:
+        server.shutdown()
+    # an unreachable TSA: one line, exit 2, the request is still written
+    path.with_suffix(".tsq").unlink()
+    assert main(["timestamp", "--key", str(path), "--tsa", url, "--ca", str(tsa.ca)]) == 2
+    assert "not reachable" in capsys.readouterr().err
+    assert path.with_suffix(".tsq").is_file()
