@@ -74,13 +74,19 @@ def time_ids(size: int | tuple[int, int], *, crop_top_left: tuple[int, int] = (0
     return torch.tensor([[*original, *crop_top_left, *target]], dtype=torch.float32)
 
 
-def encode_text(pipe, prompt: str | list[str], device=None, *, size: int | None = None) -> Conditioning:
+def encode_text(pipe, prompt: str | list[str], device=None, *, size: int | None = None,
+                grad: bool = False) -> Conditioning:
     """The conditioning for ``prompt`` (a string or a list), as the pipeline computes it for generation.
 
     For SDXL ``size`` (default: the UNet's native size) fills the time ids: a square, uncropped image at that size,
-    as in diffusers' SDXL DreamBooth script with ``--center_crop``. Gradients flow when the caller enables them (the
-    text encoder is trained only with ``--train_text_encoder``).
+    as in diffusers' SDXL DreamBooth script with ``--center_crop``. The text encoders are frozen, so by default no
+    autograd graph is kept (the result can be reused across steps); ``grad=True`` keeps one.
     """
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        return _encode_text(pipe, prompt, device, size)
+
+
+def _encode_text(pipe, prompt, device, size) -> Conditioning:
     device = device if device is not None else next(pipe.unet.parameters()).device
     if is_sdxl(pipe):
         embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
