@@ -125,7 +125,7 @@ def _optimise(key: SealKey, pipe, data, prompt, steps, lr, repel, seed, start="r
     """Fit C̃_p on the subject's denoising loss (B̃, Ã, C̃ fixed) from a random start of C̃'s scale; ``repel`` weights
     a term that rewards a large B̃(C̃ − C̃_p)Ã relative to ΔW (capped at 1, so it cannot run away)."""
     from .compare import seal_network_for
-    from .training import heldout_batch, training_noise_scheduler
+    from .evaluation import heldout_batch, training_noise_scheduler
 
     g = torch.Generator().manual_seed(seed + 1)
     latents, ehs = heldout_batch(pipe, data, prompt)
@@ -149,7 +149,7 @@ def _optimise(key: SealKey, pipe, data, prompt, steps, lr, repel, seed, start="r
         for _ in range(steps):
             noise = torch.randn(latents.shape, generator=g)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g)
-            pred = pipe.unet(scheduler.add_noise(latents, noise, t), t, ehs.expand(latents.shape[0], -1, -1)).sample
+            pred = pipe.unet(scheduler.add_noise(latents, noise, t), t, **ehs.expand(latents.shape[0]).unet_kwargs()).sample
             loss = torch.nn.functional.mse_loss(pred, noise)
             if repel:
                 ratios = []

@@ -117,13 +117,14 @@ def function_measures(key: SealKey, base, data: str | os.PathLike, prompt: str, 
     from .base_model import load_pipeline
     from .compare import seal_network_for
     from .tiny import SD15_SCHEDULER
-    from .training import _target, heldout_batch
+    from .evaluation import denoising_target as _target
+    from .evaluation import heldout_batch
 
     pipe = base if not isinstance(base, (str, os.PathLike)) else load_pipeline(base, config=config)
     latents, ehs = heldout_batch(pipe, data, prompt)
     latents = latents.float()
     n = latents.shape[0]
-    ehs = ehs.expand(n, *ehs.shape[1:]) if ehs.shape[0] == 1 else ehs
+    ehs = ehs.expand(n)  # the prompt's Conditioning, one row per image
     sched = DDPMScheduler(**{k: SD15_SCHEDULER[k] for k in
                              ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps")})
     total = sched.config.num_train_timesteps
@@ -142,7 +143,7 @@ def function_measures(key: SealKey, base, data: str | os.PathLike, prompt: str, 
     try:
         for mode in ("C", "C_p", "off"):
             with net.passport(mode):
-                preds[mode] = [unet(x, ts, ehs, return_dict=False)[0].float() for x, ts, _ in inputs]
+                preds[mode] = [unet(x, ts, **ehs.unet_kwargs(), return_dict=False)[0].float() for x, ts, _ in inputs]
     finally:
         net.remove()
         unet.train(was_training)
