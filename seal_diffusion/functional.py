@@ -251,8 +251,7 @@ def save_cache(cache: OwnerCache, path: str | os.PathLike, settings: str) -> Pat
             "probe_prompts": json.dumps(cache.probes.prompts),
             "h": repr(cache.h)}
     data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=meta)
-    with atomic_write(path, what="functional cache") as tmp:
-        os.chmod(tmp, 0o600)
+    with atomic_write(path, what="functional cache", private=True) as tmp:  # 0600, like the key
         tmp.write_bytes(data)
     return Path(path)
 

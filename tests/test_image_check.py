@@ -117,7 +117,7 @@ def test_distilled_copy_detected(setup):
         with torch.no_grad():
             embeds = torch.cat([teacher.encode_prompt(p, "cpu", 1, False)[0] for p in prompts])
         opt = torch.optim.Adam(snet.trainable_parameters(), lr=3e-3)
-        for _ in range(150):
+        for _ in range(300):
             x, t = torch.randn(4, 4, 8, 8), torch.randint(50, 950, (4,))
             e = embeds[torch.randint(0, len(prompts), (4,))]
             with torch.no_grad():

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from small_owner import small_owner
 
 from seal_diffusion import attacks
 from seal_diffusion.cli import main as cli_main
@@ -21,29 +22,9 @@ RANK = 4
 @pytest.fixture(scope="module")
 def owner(tmp_path_factory):
     """A small SEAL run on the tiny UNet (alternating C/C_p) → key + exported files."""
-    from seal_diffusion.base_model import load_pipeline
-
-    pipe = load_pipeline("tiny")
-    unet = pipe.unet
-    names = list(find_target_modules(unet))
-    torch.manual_seed(0)
-    net = SealNetwork(unet, RANK, passports=make_passports(names, RANK, "owner secret"))
-    opt = torch.optim.Adam(net.trainable_parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    x, e = torch.randn(2, 4, 32, 32, generator=g), torch.randn(2, 77, 32, generator=g)
-    for step in range(6):
-        net.set_passport("C" if step % 2 == 0 else "C_p")
-        loss = unet(x, torch.tensor([100, 600]), e).sample.pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    key = SealKey.from_network(net, "tiny", "random")
-    net.remove()
-    d = tmp_path_factory.mktemp("owner")
-    key_path = key.save(d / "owner.sealkey")
-    kohya = export_lora(key, d / "owner.safetensors", "kohya", "owner")
-    diffusers = export_lora(key, d / "dl", "diffusers")
-    return dict(key=key, key_path=key_path, kohya=kohya, diffusers=diffusers, dir=d)
+    o = small_owner(tmp_path_factory.mktemp("owner"), "owner secret")
+    o["diffusers"] = export_lora(o["key"], o["dir"] / "dl", "diffusers")
+    return o
 
 
 def _suspect(lora: LoraFile, key) -> Suspect:
