@@ -72,7 +72,7 @@ class SealKey:
         from .base_model import is_sdxl
 
         arch = "sdxl_base_v1-0" if is_sdxl(network.unet) else "sd_v1"
-        return cls(modules, network.rank, network.alpha, base_model, list(network.targets), passport_source,
+        return cls(modules, network.rank, network.alpha, base_model, list(network.all_targets), passport_source,
                    architecture=arch, secret_kdf=getattr(network, "secret_kdf", ""))
 
     def tensors(self, *, copy: bool = True) -> dict[str, torch.Tensor]:

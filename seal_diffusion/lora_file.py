@@ -2,15 +2,17 @@
 
 * ``diffusers``: ``unet.<module>.lora_A.weight`` (r×in) / ``unet.<module>.lora_B.weight`` (out×r), the PEFT keys that
   ``pipe.load_lora_weights`` reads; no alpha, so the scale is folded into lora_B (diffusers assumes alpha = r).
+  Text-encoder layers: ``text_encoder.<path>.lora_A.weight`` (SDXL's second encoder ``text_encoder_2.…``).
 * ``kohya``: ``lora_unet_<module with '.'→'_'>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (= rank) plus
-  the ``ss_*``/``modelspec.*`` metadata that ComfyUI, A1111 and LoRA managers read.
+  the ``ss_*``/``modelspec.*`` metadata that ComfyUI, A1111 and LoRA managers read. Text-encoder layers:
+  ``lora_te_<path>`` (SD 1.x), ``lora_te1_``/``lora_te2_`` (SDXL), see :mod:`seal_diffusion.lora_names`.
 
 What gets written is exactly what a LoRA trainer of that rank writes: no passport, raw factor, secret, seed, or any word
 naming the method. :func:`read_lora` reads every layout that diffusers, ComfyUI or A1111 load (kohya stems with
 diffusers or LDM names, PEFT keys with or without prefixes, ``lora.down``/``lora.up``, diffusers' old
 attention-processor keys, LyCORIS LoCon/LoHa/LoKr/full) and returns the effective (down, up·alpha/r) factors — or the
-full ΔW — of every UNet layer, for verification and attacks; the rest (text encoder, conv layers) is counted and
-reported, not tested.
+full ΔW — of every UNet and text-encoder attention layer, for verification and attacks; the rest (conv layers, text
+-encoder layers under other prefixes) is counted and reported, not tested.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import torch
 
 from .errors import UserError
 from .fileio import load_safetensors, save_safetensors_atomic
-from .lora_names import ARCHITECTURE_METADATA, SD_V1, candidate_names, kohya_names, kohya_stem, ldm_names  # noqa: F401
+from .lora_names import (ARCHITECTURE_METADATA, SD_V1, candidate_names, is_text_encoder_module,  # noqa: F401
+                         kohya_names, kohya_stem, ldm_names)
 from .kohya_meta import SAI_MODEL_SPEC, with_hashes
 
 LAYOUTS = ("diffusers", "kohya")
@@ -36,7 +39,8 @@ class LoraFile:
     """A LoRA as read from disk: ``entries[stem] = (down r×in, up out×r)`` with any alpha/r scale folded into up.
 
     ``stem`` is the layer's name in the file with the layout's suffixes and ``unet.``-style prefixes removed: a
-    ``lora_unet_…`` kohya stem (layout ``kohya``) or a dotted path, diffusers or LDM (layout ``diffusers``).
+    ``lora_unet_…`` kohya stem (layout ``kohya``) or a dotted path, diffusers or LDM (layout ``diffusers``); text-encoder
+    layers keep their prefix (``lora_te_…``, ``lora_te1_…``, ``lora_te2_…``, ``text_encoder.…``, ``text_encoder_2.…``).
     :meth:`by_module` maps stems to the key's module paths (:mod:`seal_diffusion.lora_names`). ``deltas`` holds full
     ΔW of layers that are not plain low-rank (LyCORIS LoHa/LoKr/full); ``dialect`` names the key styles seen;
     ``other`` counts parts present but not tested (text encoder, conv layers, unknown tensors).
@@ -61,9 +65,10 @@ class LoraFile:
             path = path / DIFFUSERS_WEIGHT_NAME
         tensors: dict[str, torch.Tensor] = {}
         for stem, (down, up) in self.entries.items():
-            if not stem.startswith("lora_unet_"):
-                tensors[f"unet.{stem}.lora_A.weight"] = down
-                tensors[f"unet.{stem}.lora_B.weight"] = up
+            if not stem.startswith(_KOHYA_PREFIXES):
+                prefix = "" if _is_te_stem(stem) else "unet."
+                tensors[f"{prefix}{stem}.lora_A.weight"] = down
+                tensors[f"{prefix}{stem}.lora_B.weight"] = up
             else:
                 tensors[f"{stem}.lora_down.weight"] = down
                 tensors[f"{stem}.lora_up.weight"] = up
@@ -108,6 +113,9 @@ class LoraFile:
         """How the file names its layers: ``diffusers names``, ``LDM names`` or both."""
         kinds = set()
         for stem in [*self.entries, *self.deltas]:
+            if _is_te_stem(stem):
+                kinds.add("text-encoder layers")
+                continue
             body = stem[len("lora_unet_"):] if stem.startswith("lora_unet_") else stem
             kinds.add("LDM names" if body.startswith(("input_blocks", "middle_block", "output_blocks"))
                       else "diffusers names")
@@ -117,8 +125,13 @@ class LoraFile:
         """Human-readable list of the parts of the file the test does not look at."""
         used = {s for stems in self._mapped([*self.entries, *self.deltas], list(module_names), unet_config).values()
                 for s in stems}
-        rest = len([s for s in [*self.entries, *self.deltas] if s not in used])
+        unused = [s for s in [*self.entries, *self.deltas] if s not in used]
+        te = len([s for s in unused if _is_te_stem(s)])
+        rest = len(unused) - te
         notes = [f"{n} {what}" for what, n in self.other.items()]
+        if te:
+            notes.append(f"{te} text-encoder layers that are not in the key (trained without --train_text_encoder, "
+                         "or other layers)")
         if rest:
             notes.append(f"{rest} UNet layers that are not in the key (feed-forward, proj_in/out, …)")
         return notes
@@ -145,8 +158,9 @@ def lora_tensors(
     rank = max(ranks)
     if layout == "diffusers":
         for module, (a, b) in factors.items():
-            tensors[f"unet.{module}.lora_A.weight"] = a
-            tensors[f"unet.{module}.lora_B.weight"] = b
+            prefix = "" if is_text_encoder_module(module) else "unet."  # text_encoder.… / text_encoder_2.… as is
+            tensors[f"{prefix}{module}.lora_A.weight"] = a
+            tensors[f"{prefix}{module}.lora_B.weight"] = b
         return tensors, {"format": "pt"}
     stems = kohya_names(factors, architecture)
     for module, (a, b) in factors.items():
@@ -207,6 +221,14 @@ def resolve_lora_path(path: str | os.PathLike) -> Path:
 # -- reading every layout frontends load --------------------------------------------------------------------------
 _TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "text_encoder.", "text_encoder_2.",
                           "te_", "te1_", "te2_", "text_model.")
+_READ_TE_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "text_encoder.", "text_encoder_2.")  # read as entries
+_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+
+
+def _is_te_stem(stem: str) -> bool:
+    return stem.startswith(_READ_TE_PREFIXES)
+
+
 _UNET_PREFIXES = ("unet.", "base_model.model.", "model.diffusion_model.", "diffusion_model.")
 # suffix → (part, dialect of a dotted stem); kohya stems are always "kohya"
 _SUFFIXES = (
@@ -240,7 +262,7 @@ def _split_key(key: str) -> tuple[str, str, str] | None:
     for suffix, part, dialect in _SUFFIXES:
         if key.endswith(suffix):
             stem = key[: -len(suffix)]
-            return stem, part, "kohya" if stem.startswith("lora_unet_") else dialect
+            return stem, part, "kohya" if stem.startswith(_KOHYA_PREFIXES) else dialect
     stem, _, part = key.rpartition(".")
     if part == "weight" and stem.endswith(".lora_mid"):
         return stem[: -len(".lora_mid")], "lora_mid.weight", "LyCORIS"
@@ -276,13 +298,15 @@ def _lycoris_delta(stem: str, parts: dict[str, torch.Tensor], path) -> tuple[tor
 
 
 def read_lora(path: str | os.PathLike) -> LoraFile:
-    """Read a LoRA file in any layout diffusers, ComfyUI or A1111 load; UNet layers only (the rest is counted).
+    """Read a LoRA file in any layout diffusers, ComfyUI or A1111 load: UNet and text-encoder layers (the rest is
+    counted).
 
     Reads kohya stems (diffusers or LDM names), PEFT keys with or without ``unet.``/``base_model.model.`` prefixes,
     ``lora.down``/``lora.up``, diffusers' old attention-processor keys (``<attn>.processor.to_q_lora.down.weight``),
     ComfyUI's ``diffusion_model.`` names and LyCORIS files: LoCon (lora_down/up on any layer) is read as factors,
-    LoHa/LoKr/full layers on a Linear as ΔW. Conv layers, text-encoder layers, DoRA magnitudes and unknown keys are
-    counted in ``other`` (reported, not tested). Which stem is which key module is decided by
+    LoHa/LoKr/full layers on a Linear as ΔW. Text-encoder layers named ``lora_te_``/``lora_te1_``/``lora_te2_``/
+    ``text_encoder.``/``text_encoder_2.`` are read too (stems keep the prefix); conv layers, text-encoder layers under
+    other prefixes, DoRA magnitudes and unknown keys are counted in ``other`` (reported, not tested). Which stem is which key module is decided by
     :meth:`LoraFile.by_module`.
     """
     path = resolve_lora_path(path)
@@ -292,7 +316,7 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
     other: dict[str, int] = {}
     text_encoder: set[str] = set()
     for key, t in tensors.items():
-        if key.startswith(_TEXT_ENCODER_PREFIXES):
+        if key.startswith(_TEXT_ENCODER_PREFIXES) and not key.startswith(_READ_TE_PREFIXES):
             text_encoder.add(key.split(".")[0] if key.startswith("lora_te") else key.rsplit(".", 2)[0])
             continue
         split = _split_key(key)
@@ -337,8 +361,8 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
             continue  # an alpha with nothing to scale (e.g. a pruned layer)
     if not entries and not deltas:
         found = "; ".join(f"{v} {k}" for k, v in other.items()) or "nothing"
-        raise UserError(f"{path}: no UNet LoRA weights this tool can read (found: {found})")
-    layout = "kohya" if any(s.startswith("lora_unet_") for s in [*entries, *deltas]) else "diffusers"
+        raise UserError(f"{path}: no UNet or text-encoder LoRA weights this tool can read (found: {found})")
+    layout = "kohya" if any(s.startswith(_KOHYA_PREFIXES) for s in [*entries, *deltas]) else "diffusers"
     if "conv layers (LoCon)" in other:
         dialects.add("LyCORIS LoCon")
     return LoraFile(layout, entries, metadata, str(path), deltas=deltas, dialect=", ".join(sorted(dialects)),

@@ -8,6 +8,12 @@ The key stores every adapted layer under its diffusers module path (``down_block
   ``lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q``
 * ComfyUI's native form: ``diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q``
 
+Text-encoder layers (``--train_text_encoder``) are stored in the key as ``text_encoder.<path in CLIPTextModel>`` (SDXL's
+second encoder: ``text_encoder_2.<path>``), which is also their diffusers-layout name. kohya names them
+``lora_te_<path with _>`` for SD 1.x, ``lora_te1_…`` / ``lora_te2_…`` for SDXL's two encoders — the prefixes diffusers'
+kohya converter, ComfyUI's ``model_lora_keys_clip`` and A1111's ``networks.py`` map; reading also accepts ``lora_te1_``
+for an SD 1.x encoder, as diffusers and ComfyUI do.
+
 kohya stems cannot be split back into a path ('_' is both separator and part of ``to_q``), so — as ComfyUI's key map
 does — every candidate name is generated from the key's own module paths and looked up.
 
@@ -32,9 +38,30 @@ _UP = re.compile(r"^up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)$")
 _MID = re.compile(r"^mid_block\.attentions\.0\.(.+)$")
 
 
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # the key's module-name prefixes of the two CLIP text encoders
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # the projections of every CLIPAttention
+
+
 def kohya_stem(module: str) -> str:
     """``lora_unet_`` + the path with '.' → '_' (kohya's naming, for either path style)."""
     return "lora_unet_" + module.replace(".", "_")
+
+
+def is_text_encoder_module(module: str) -> bool:
+    """Whether a key module name is a text-encoder layer (``text_encoder.…`` / ``text_encoder_2.…``)."""
+    return module.partition(".")[0] in TEXT_ENCODERS
+
+
+def unet_modules(modules: Iterable[str]) -> list[str]:
+    """The UNet modules among key module names (text-encoder layers dropped), in order."""
+    return [m for m in modules if not is_text_encoder_module(m)]
+
+
+def text_encoder_stems(module: str) -> list[str]:
+    """The kohya stems a text-encoder module goes by: ``lora_te_``/``lora_te1_`` (first encoder), ``lora_te2_``."""
+    encoder, _, path = module.partition(".")
+    body = path.replace(".", "_")
+    return [f"lora_te2_{body}"] if encoder == "text_encoder_2" else [f"lora_te_{body}", f"lora_te1_{body}"]
 
 
 def layers_from_config(config: Mapping) -> tuple[list[int], list[int]]:
@@ -109,10 +136,13 @@ def _candidate_names_cached(modules: tuple[str, ...]) -> dict[str, str]:
 
 
 def _candidate_names(modules: list[str], unet_config: Mapping | None) -> dict[str, str]:
-    ldm = ldm_names(modules, unet_config)
+    ldm = ldm_names(unet_modules(modules), unet_config)
     out: dict[str, str] = {}
     for m in modules:
         out[m] = m
+        if is_text_encoder_module(m):
+            out.update((stem, m) for stem in text_encoder_stems(m))
+            continue
         out[kohya_stem(m)] = m
         if m in ldm:
             out[ldm[m]] = m
@@ -134,6 +164,8 @@ ARCHITECTURE_METADATA = {
 def kohya_names(modules: Iterable[str], architecture: str = SD_V1) -> dict[str, str]:
     """``{diffusers path: kohya stem}`` as kohya writes it for the family.
 
+    Text-encoder modules: ``lora_te_<path>`` for SD 1.x, ``lora_te1_``/``lora_te2_`` for SDXL's two encoders.
+
     SD 1.x: ``lora_unet_`` + the diffusers path (what kohya's SD 1.5 files and our contract use). SDXL: ``lora_unet_`` +
     the original SGM path (``input_blocks_4_1_transformer_blocks_0_attn1_to_q``), as kohya sd-scripts' SDXL LoRAs and
     ComfyUI's SDXL key map name them; derived from the modules' own block layout (:func:`ldm_names`).
@@ -141,10 +173,14 @@ def kohya_names(modules: Iterable[str], architecture: str = SD_V1) -> dict[str, 
     modules = list(modules)
     if architecture not in ARCHITECTURE_METADATA:
         raise ValueError(f"unknown architecture {architecture!r}; expected one of {sorted(ARCHITECTURE_METADATA)}")
+    te = {m: text_encoder_stems(m)[0 if architecture == SD_V1 else -1] for m in modules if is_text_encoder_module(m)}
+    unet = unet_modules(modules)
     if architecture == SD_V1:
-        return {m: kohya_stem(m) for m in modules}
-    ldm = ldm_names(modules)
-    missing = [m for m in modules if m not in ldm]
-    if missing:
-        raise ValueError(f"{missing[0]}: not an attention module of the UNet's blocks; no SGM name for it")
-    return {m: kohya_stem(ldm[m]) for m in modules}
+        names = {m: kohya_stem(m) for m in unet}
+    else:
+        ldm = ldm_names(unet)
+        missing = [m for m in unet if m not in ldm]
+        if missing:
+            raise ValueError(f"{missing[0]}: not an attention module of the UNet's blocks; no SGM name for it")
+        names = {m: kohya_stem(ldm[m]) for m in unet}
+    return {m: names[m] if m in names else te[m] for m in modules}

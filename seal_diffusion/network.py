@@ -1,4 +1,5 @@
-"""Installing SEAL layers on a diffusers UNet, and switching the active passport for all of them at once.
+"""Installing SEAL layers on a diffusers UNet (and, optionally, its CLIP text encoders), and switching the active
+passport for all of them at once.
 
 Why a module-level patch and not an attention processor: diffusers ≥ 0.3x moved LoRA out of attention processors
 (the old ``LoRAAttnProcessor*`` classes are empty stubs in 0.42) because a processor-level LoRA has to be rewritten for
@@ -15,6 +16,12 @@ persistent buffer on a PEFT tuner layer is exported by ``get_peft_model_state_di
     ``unet.save_pretrained`` are untouched; the private key is written only by :mod:`seal_diffusion.keyfile`;
 (d) :meth:`SealNetwork.remove` deletes the patched ``forward`` attributes: the UNet is exactly the original again;
 (e) each layer computes B·(C·(A·x)); ΔW is never formed.
+
+Text encoders (``--train_text_encoder``): ``text_encoders={"text_encoder": te, "text_encoder_2": te2}`` also wraps
+``q_proj``/``k_proj``/``v_proj``/``out_proj`` of every CLIP attention, named ``text_encoder.<path>`` (the key's and the
+diffusers layout's names). The same switch covers them (``split`` works when the encoder gets the same batch order as
+the UNet), and :meth:`SealNetwork.remove` unpatches them too. Their layers come after the UNet's, so adding them
+changes neither the UNet layers' order nor their A initialisation.
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ from typing import Iterator, Mapping
 import torch
 from torch import nn
 
+from .errors import UserError
 from .layer import MODES, SealLoRALayer
+from .lora_names import TEXT_ENCODER_TARGETS, TEXT_ENCODERS
 
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 ADDED_KV_TARGETS = ("add_k_proj", "add_v_proj")
@@ -39,7 +48,7 @@ def find_target_modules(unet: nn.Module, targets: tuple[str, ...] = DEFAULT_TARG
     """
     from diffusers.models.attention_processor import Attention
 
-    unknown = set(targets) - set(DEFAULT_TARGETS)
+    unknown = set(targets) - set(DEFAULT_TARGETS) - set(TEXT_ENCODER_TARGETS)
     if unknown:
         raise ValueError(f"unknown target modules {sorted(unknown)}; choose from {list(DEFAULT_TARGETS)}")
     found: dict[str, nn.Linear] = {}
@@ -50,6 +59,42 @@ def find_target_modules(unet: nn.Module, targets: tuple[str, ...] = DEFAULT_TARG
             module = attn.get_submodule(target) if _has_submodule(attn, target) else None
             if isinstance(module, nn.Linear):
                 found[f"{attn_name}.{target}" if attn_name else target] = module
+    return found
+
+
+def find_text_encoder_modules(text_encoder: nn.Module, prefix: str = "text_encoder",
+                              targets: tuple[str, ...] = TEXT_ENCODER_TARGETS) -> dict[str, nn.Linear]:
+    """``{prefix.text_model.path: nn.Linear}`` for q/k/v/out projections of every CLIP attention (``…self_attn``), in
+    model order.
+
+    Names always read ``text_model.encoder.layers.N.self_attn.q_proj`` below the prefix, the path of the CLIP
+    checkpoints and of every LoRA file in the wild; transformers 5 dropped the ``text_model`` level from
+    ``CLIPTextModel`` (its modules are ``encoder.layers.…``), so it is put back in the name.
+    """
+    found: dict[str, nn.Linear] = {}
+    wanted = [t for t in TEXT_ENCODER_TARGETS if t in targets]
+    for attn_name, attn in text_encoder.named_modules():
+        if attn_name and all(isinstance(getattr(attn, t, None), nn.Linear) for t in TEXT_ENCODER_TARGETS):
+            path = attn_name if attn_name.startswith("text_model.") else f"text_model.{attn_name}"
+            for target in wanted:
+                found[f"{prefix}.{path}.{target}"] = getattr(attn, target)
+    return found
+
+
+def text_encoders_of(pipe) -> dict[str, nn.Module]:
+    """``{"text_encoder": …, "text_encoder_2": …}``: the pipeline's CLIP text encoders that exist."""
+    return {name: te for name in TEXT_ENCODERS if (te := getattr(pipe, name, None)) is not None}
+
+
+def target_modules(unet: nn.Module, text_encoders: Mapping[str, nn.Module] | None = None,
+                   targets: tuple[str, ...] = DEFAULT_TARGETS) -> dict[str, nn.Linear]:
+    """Every module a :class:`SealNetwork` adapts, in its order: the UNet's, then each text encoder's."""
+    found = find_target_modules(unet, tuple(t for t in targets if t in DEFAULT_TARGETS))
+    te_targets = tuple(t for t in targets if t in TEXT_ENCODER_TARGETS) or TEXT_ENCODER_TARGETS
+    for prefix, te in (text_encoders or {}).items():
+        if prefix not in TEXT_ENCODERS:
+            raise ValueError(f"unknown text encoder {prefix!r}; expected one of {list(TEXT_ENCODERS)}")
+        found.update(find_text_encoder_modules(te, prefix, te_targets))
     return found
 
 
@@ -68,6 +113,7 @@ class SealNetwork(nn.Module):
     ``generator`` draws every A's initialisation (default: the global RNG); pass
     :func:`~seal_diffusion.passport.init_generator` of the secret so that A, like the passports, follows from it.
     ``secret_kdf`` (set by the trainer) is the passphrase's salt record, written only into the private key.
+    ``text_encoders`` (``{"text_encoder": te, "text_encoder_2": te2}``) adds the encoders' attention projections.
     """
 
     secret_kdf: str = ""
@@ -81,16 +127,17 @@ class SealNetwork(nn.Module):
         targets: tuple[str, ...] = DEFAULT_TARGETS,
         dropout: float = 0.0,
         generator: torch.Generator | None = None,
+        text_encoders: Mapping[str, nn.Module] | None = None,
     ):
         super().__init__()
         if rank < 1:
             raise ValueError(f"rank must be ≥ 1, got {rank}")
         self.rank = rank
         self.alpha = float(alpha if alpha is not None else rank)
-        self.targets = tuple(targets)
+        self.targets = tuple(t for t in targets if t in DEFAULT_TARGETS)  # the UNet's (what checkpoints record)
         self.is_seal = passports is not None
-        modules = find_target_modules(unet, self.targets)
-        if not modules:
+        modules = target_modules(unet, text_encoders, tuple(targets))
+        if not any(n.partition(".")[0] not in TEXT_ENCODERS for n in modules):
             raise ValueError("no Attention projection layers found in the UNet")
         if passports is not None:
             missing = [m for m in modules if m not in passports]
@@ -105,6 +152,7 @@ class SealNetwork(nn.Module):
             self.layers.append(layer)
             self._layers[name] = layer
         self._unet = (unet,)
+        self._text_encoders = dict(text_encoders or {})  # a plain dict: the encoders are not children either
         self.mode = "C" if self.is_seal else "identity"
         for layer in self._layers.values():
             layer.patch()
@@ -115,8 +163,21 @@ class SealNetwork(nn.Module):
         return self._unet[0]
 
     @property
+    def text_encoders(self) -> dict[str, nn.Module]:
+        return dict(self._text_encoders)
+
+    @property
     def module_names(self) -> list[str]:
         return list(self._layers)
+
+    @property
+    def text_encoder_module_names(self) -> list[str]:
+        return [n for n in self._layers if n.partition(".")[0] in TEXT_ENCODERS]
+
+    @property
+    def all_targets(self) -> list[str]:
+        """The target kinds adapted: the UNet's projections, then the text encoders' (when any): key metadata."""
+        return list(self.targets) + (list(TEXT_ENCODER_TARGETS) if self.text_encoder_module_names else [])
 
     def __getitem__(self, name: str) -> SealLoRALayer:
         return self._layers[name]
@@ -199,10 +260,42 @@ class SealNetwork(nn.Module):
 
     # -- removal ----------------------------------------------------------------------------------------------------
     def remove(self) -> None:
-        """Unpatch every layer: the UNet's modules behave exactly as before :class:`SealNetwork` was created."""
+        """Unpatch every layer: the UNet's (and text encoders') modules behave exactly as before."""
         for layer in self._layers.values():
             layer.unpatch()
 
     def forward(self, *args, **kwargs):
         """Runs the UNet (so accelerate/DDP can wrap the network, whose parameters are the trainable ones)."""
         return self._unet[0](*args, **kwargs)
+
+
+def network_from_key(key, pipe, *, text_encoders: bool = True) -> SealNetwork:
+    """A :class:`SealNetwork` holding ``key``'s raw factors and both passports (mode C) on ``pipe.unet`` and — when the
+    key has text-encoder modules and ``text_encoders`` is true — on the pipeline's text encoder(s) too.
+
+    ``pipe`` may also be a bare UNet (then only UNet modules are built). ``text_encoders=False`` builds the UNet
+    modules only (the function-level and image tests, which probe the UNet). A key that does not fit the model is a
+    :class:`~seal_diffusion.errors.UserError`. Remove the network with ``.remove()``.
+    """
+    unet = getattr(pipe, "unet", pipe)
+    wanted = {n.partition(".")[0] for n in key.modules if n.partition(".")[0] in TEXT_ENCODERS}
+    encoders = {}
+    if text_encoders and wanted:
+        have = text_encoders_of(pipe) if unet is not pipe else {}
+        lacking = sorted(wanted - set(have))
+        if lacking:
+            raise UserError(f"key has {', '.join(lacking)} layers but the base model has no such text encoder; was it "
+                            f"trained on {key.base_model!r}?")
+        encoders = {p: have[p] for p in TEXT_ENCODERS if p in wanted}
+    targets = tuple(key.target_modules) if key.target_modules else DEFAULT_TARGETS
+    passports = {m: (mk.passport, mk.passport_p) for m, mk in key.modules.items()}
+    try:
+        net = SealNetwork(unet, key.rank, key.alpha, passports=passports, targets=targets, text_encoders=encoders)
+    except ValueError as exc:
+        raise UserError(f"key does not fit this base model ({exc}); was it trained on {key.base_model!r}?") from exc
+    try:
+        net.load_factors({m: (mk.lora_A, mk.lora_B) for m, mk in key.modules.items()})
+    except ValueError as exc:
+        net.remove()
+        raise UserError(f"key does not fit this base model ({exc}); was it trained on {key.base_model!r}?") from exc
+    return net

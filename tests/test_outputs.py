@@ -222,8 +222,9 @@ def test_hub_upload_refuses_private_files_and_flags_fail_clearly(tmp_path):
     with pytest.raises(ValueError):
         push_public_files([tmp_path / "a.sealkey"], "me/a", api=FakeApi())
     base = ["--instance_data_dir", "x", "--instance_prompt", "p"]
-    with pytest.raises(UserError, match="--train_text_encoder"):
-        parse_args(base + ["--train_text_encoder"])
+    assert parse_args(base + ["--train_text_encoder"]).train_text_encoder  # supported now (tests/test_text_encoder.py)
+    with pytest.raises(UserError, match="--text_encoder_lr: only with --train_text_encoder"):
+        parse_args(base + ["--text_encoder_lr", "1e-4"])
     if importlib.util.find_spec("bitsandbytes") is None:
         with pytest.raises(UserError, match="bitsandbytes"):
             parse_args(base + ["--use_8bit_adam"])

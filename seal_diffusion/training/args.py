@@ -71,7 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", choices=("seal", "lora"), default="seal",
                    help="seal (watermarked, default) or lora (plain LoRA through the same code, for comparison)")
     g.add_argument("--train_text_encoder", action="store_true",
-                   help="not supported yet: the watermark lives in the UNet's attention layers only")
+                   help="also train LoRA adapters, with their own passports, on the CLIP text encoder's attention "
+                   "projections (q/k/v/out_proj; SDXL: both encoders). The prompts are then encoded every step "
+                   "(slower); the key, the public files (lora_te_… / text_encoder.… layers), verify and scan cover them")
+    g.add_argument("--text_encoder_lr", type=float, default=None,
+                   help="learning rate of the text-encoder adapters (default: --learning_rate)")
     g.add_argument("--rank", type=int, default=32, help="LoRA rank r (default 32, the SEAL paper's SD 1.5 setting)")
     g.add_argument("--init_lora", default=None,
                    help="--method lora only: start from this public LoRA file/folder (continued fine-tuning; its "
@@ -167,8 +171,9 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         args.max_train_steps = 300
     need(args.max_train_steps is None or args.max_train_steps >= 1,
          f"--max_train_steps {args.max_train_steps}: must be ≥ 1")
-    need(not getattr(args, "train_text_encoder", False),
-         "--train_text_encoder: not supported yet (the watermark and the LoRA live in the UNet's attention layers)")
+    te_lr = getattr(args, "text_encoder_lr", None)
+    need(te_lr is None or (math.isfinite(te_lr) and te_lr > 0), f"--text_encoder_lr {te_lr}: must be a positive number")
+    need(te_lr is None or getattr(args, "train_text_encoder", False), "--text_encoder_lr: only with --train_text_encoder")
     need(not getattr(args, "use_8bit_adam", False) or importlib.util.find_spec("bitsandbytes") is not None,
          "--use_8bit_adam: needs bitsandbytes (pip install bitsandbytes), which is not installed")
     need(getattr(args, "validation_epochs", None) is None or args.validation_epochs >= 1,

@@ -34,12 +34,12 @@ from ..conditioning import encode_text
 from ..evaluation import default_resolution, training_noise_scheduler, vae_scale_factor
 from ..images import scan_image_dir
 from ..kohya_meta import training_metadata
-from ..network import DEFAULT_TARGETS, SealNetwork, find_target_modules
+from ..network import SealNetwork, target_modules, text_encoders_of
 from .args import check_args, warn
 from .checkpoints import read_checkpoint_passports, read_checkpoint_state, resolve_checkpoint, save_checkpoint
 from .data import DreamBoothDataset, EpochSampler, ImageSet, collate, derived_seed, generator_for
 from .hub import push_public_files
-from .loss import LossSetup
+from .loss import LossSetup, TextEncoding
 from .outputs import refuse_to_replace, write_outputs
 from .validation import ensure_class_images, run_validation
 
@@ -92,8 +92,8 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
     resume = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
     ckpt_state = read_checkpoint_state(resume) if resume is not None else None
     if ckpt_state is not None:
-        for field in ("method", "rank", "alpha"):
-            if ckpt_state.get(field) != getattr(args, field):
+        for field in ("method", "rank", "alpha", "train_text_encoder"):
+            if ckpt_state.get(field, False if field == "train_text_encoder" else None) != getattr(args, field, False):
                 raise UserError(f"--resume_from_checkpoint {resume}: checkpoint has {field}={ckpt_state.get(field)!r},"
                                 f" this run has {getattr(args, field)!r}")
 
@@ -141,7 +141,9 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
                              f"--class_data_dir {args.class_data_dir}")
 
     # -- passports ------------------------------------------------------------------------------------------------
-    module_names = list(find_target_modules(unet, DEFAULT_TARGETS))
+    train_te = bool(getattr(args, "train_text_encoder", False))
+    adapted_encoders = text_encoders_of(pipe) if train_te else {}  # their layers come after the UNet's
+    module_names = list(target_modules(unet, adapted_encoders))
     passports = None
     if seal:
         if resume is not None:
@@ -167,16 +169,18 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
     for m in (unet, vae, *text_encoders):
         m.to(device) if weight_dtype == torch.float32 else m.to(device, dtype=weight_dtype)
     # SD 1.x: the text encoder's hidden states; SDXL: both encoders', the pooled embedding and the size/crop time ids
+    # (--train_text_encoder: encoded again every step, with grad through the adapted encoders; these are unused then)
     with torch.no_grad():
         instance_emb = encode_text(pipe, args.instance_prompt, device, size=resolution)
         class_emb = encode_text(pipe, args.class_prompt, device, size=resolution) if args.with_prior_preservation else None
-    if not args.validation_prompt:
+    if not args.validation_prompt and not train_te:
         for te in text_encoders:
             te.to("cpu")
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     torch.manual_seed(derived_seed(seed, "init") % (2**32))
-    network = SealNetwork(unet, args.rank, args.alpha, passports, generator=init_gen)  # fp32, on the UNet's device
+    network = SealNetwork(unet, args.rank, args.alpha, passports, generator=init_gen,  # fp32, on the models' device
+                          text_encoders=adapted_encoders)
     network.secret_kdf = secret_kdf  # the passphrase's salt: only into the private key and checkpoint state
     if getattr(args, "init_lora", None):
         init_from_lora(network, args.init_lora)  # a resumed run's checkpoint overrides these factors later
@@ -196,13 +200,16 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
         args.max_train_steps = args.num_train_epochs * math.ceil(batches / args.gradient_accumulation_steps)
     if getattr(args, "scale_lr", False):
         args.scale_lr = False  # once: the model card then shows the rate actually used
-        args.learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+        factor = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+        args.learning_rate *= factor
+        if getattr(args, "text_encoder_lr", None):
+            args.text_encoder_lr *= factor
     adamw = torch.optim.AdamW
     if getattr(args, "use_8bit_adam", False):
         import bitsandbytes  # optional, checked by check_args: only this flag needs it
 
         adamw = bitsandbytes.optim.AdamW8bit
-    optimizer = adamw(network.trainable_parameters(), lr=args.learning_rate,
+    optimizer = adamw(_param_groups(network, args), lr=args.learning_rate,
                                   betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
                                   eps=args.adam_epsilon)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
@@ -245,12 +252,13 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
     def state() -> dict:
         return {"global_step": global_step, "seed": seed, "method": args.method, "rank": args.rank,
                 "alpha": args.alpha, "passport_schedule": args.passport_schedule, "targets": list(network.targets),
-                "secret_kdf": secret_kdf}
+                "secret_kdf": secret_kdf, "train_text_encoder": train_te}
 
     validation_epochs = getattr(args, "validation_epochs", None)
     step_setup = LossSetup(network, vae, noise_scheduler, instance_emb, class_emb, args.prior_loss_weight,
                             args.passport_schedule if seal else None, dataset.latent_cache is not None, device,
-                            weight_dtype)
+                            weight_dtype, TextEncoding(pipe, args.instance_prompt, args.class_prompt, resolution)
+                            if train_te else None)
     try:
         for epoch in range(first_epoch, num_epochs):
             sampler.use_epoch(epoch)
@@ -322,6 +330,8 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
             datasets["class"] = (args.class_prompt, len(class_set))
         facts = training_metadata(resolution=resolution, num_images=len(instance_set), prompts=datasets,
                                   started_at=t_start, prediction_type=noise_scheduler.config.prediction_type)
+        if train_te:  # kohya's field: the text encoder's learning rate (the model card shows the rates anyway)
+            facts["ss_text_encoder_lr"] = str(args.text_encoder_lr or args.learning_rate)
         result = write_outputs(network, args, src, output_dir, global_step, resolution, facts)
         if getattr(args, "push_to_hub", False):
             result["hub_url"] = push_public_files([result["lora_path"], result["diffusers_path"], result["model_card"]],
@@ -353,6 +363,18 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
         _reset_accelerate_state()
     return result
 
+
+
+def _param_groups(network, args) -> list[dict]:
+    """The optimizer's parameter groups: the UNet's A, B and (``--train_text_encoder``) the text encoders' A, B, the
+    latter at ``--text_encoder_lr`` when given (as in diffusers' SDXL DreamBooth script)."""
+    te_names = set(network.text_encoder_module_names)
+    unet = [p for n, l in network.items() if n not in te_names for p in (l.lora_A, l.lora_B)]
+    te = [p for n, l in network.items() if n in te_names for p in (l.lora_A, l.lora_B)]
+    groups = [{"params": unet, "lr": args.learning_rate}]
+    if te:
+        groups.append({"params": te, "lr": getattr(args, "text_encoder_lr", None) or args.learning_rate})
+    return groups
 
 
 def _check_writable(output_dir: Path) -> None:

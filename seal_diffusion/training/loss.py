@@ -1,6 +1,7 @@
 """The DreamBooth loss of one micro-batch, with the passport schedule: ``alternate`` switches C ↔ C_p every
 optimizer step; ``split`` runs the first part of every batch with C and the rest with C_p. The schedule depends only
-on the global step, so all accelerate processes stay in lock-step."""
+on the global step, so all accelerate processes stay in lock-step. With ``--train_text_encoder`` the prompts go through
+the adapted text encoder(s) every step (:class:`TextEncoding`), under the same passport as the UNet."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..conditioning import Conditioning
+from ..conditioning import Conditioning, encode_text
 from ..evaluation import denoising_target
 
 
@@ -36,6 +37,22 @@ def _arrange(inst: torch.Tensor, cls: torch.Tensor | None, k_inst: int, k_cls: i
 
 
 @dataclass
+class TextEncoding:
+    """``--train_text_encoder``: the prompts are encoded every step, with grad through the adapted text encoders."""
+
+    pipe: object
+    instance_prompt: str
+    class_prompt: str | None
+    resolution: int
+
+    def encode(self, is_prior: torch.Tensor, device) -> Conditioning:
+        """One prompt per sample in the batch's order (so ``split`` gives the encoder's first k samples C, as the
+        UNet's); the passport mode set for the step covers the encoders' layers too."""
+        prompts = [self.class_prompt if p else self.instance_prompt for p in is_prior.tolist()]
+        return encode_text(self.pipe, prompts, device, size=self.resolution, grad=True)
+
+
+@dataclass
 class LossSetup:
     """What one training micro-batch needs: sets the passport for the step, returns the DreamBooth loss."""
 
@@ -49,6 +66,7 @@ class LossSetup:
     cached_latents: bool
     device: torch.device
     weight_dtype: torch.dtype
+    text: TextEncoding | None = None  # set with --train_text_encoder; else the fixed embeddings above are used
 
     def loss(self, model, batch: dict, gen: torch.Generator, global_step: int) -> torch.Tensor:
         inst, cls = batch["instance"], batch.get("class")
@@ -70,9 +88,12 @@ class LossSetup:
         steps = self.noise_scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, steps, (len(latents),), generator=gen).to(self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.text is not None:
+            cond = self.text.encode(is_prior, self.device)
+        else:
+            cond = self.instance_emb.expand(len(latents))
         is_prior = is_prior.to(self.device)
-        cond = self.instance_emb.expand(len(latents))
-        if self.class_emb is not None:  # prior samples take the class prompt's conditioning
+        if self.text is None and self.class_emb is not None:  # prior samples take the class prompt's conditioning
             idx = torch.where(is_prior, 1, 0).to(cond.encoder_hidden_states.device)
             cond = Conditioning.cat([self.instance_emb, self.class_emb]).index(idx)
         pred = model(noisy.to(self.weight_dtype), timesteps, **cond.to(dtype=self.weight_dtype).unet_kwargs(),
