@@ -27,6 +27,9 @@ beside the key (:func:`cache_path`; safetensors, mode 0600), bound to the key's 
 UNet's weights; a cache that does not match is recomputed. At verify time only the suspect's forward on the probes
 remains.
 
+UNet modules only: the probes are UNet forwards, so a key's text-encoder modules (``--train_text_encoder``) are skipped
+here; the weight test covers them.
+
 Combined verdict: with both tests the reported p is Bonferroni's p = min(1, 2·min(p_weight, p_functional)), which
 keeps the false-positive rate of "either test fires" at the threshold whatever the dependence between the tests.
 """
@@ -45,6 +48,7 @@ import torch
 from .conditioning import Conditioning, encode_text
 from .errors import UserError
 from .keyfile import SealKey
+from .network import network_from_key
 
 CACHE_FORMAT = "sealkey-functional"
 CACHE_VERSION = "1"
@@ -156,14 +160,9 @@ def make_probes(pipe, key: SealKey, n: int, prompts: list[str], size: int | None
 
 # -- the owner's side: f_mid and the directions ---------------------------------------------------------------------
 def owner_network(unet, key: SealKey):
-    """The key's SEAL network (raw A, B; both passports) on ``unet``; remove it with ``.remove()``."""
-    from .network import SealNetwork
-
-    passports = {n: (mk.passport, mk.passport_p) for n, mk in key.modules.items()}
-    targets = tuple(key.target_modules) or None
-    kwargs = {"targets": targets} if targets else {}
-    net = SealNetwork(unet, key.rank, key.alpha, passports, **kwargs)
-    net.load_factors({n: (mk.lora_A, mk.lora_B) for n, mk in key.modules.items()})
+    """The key's SEAL network (raw A, B; both passports) on ``unet`` — its UNet modules only, a key's text-encoder
+    modules are skipped; remove it with ``.remove()``."""
+    net = network_from_key(key, unet, text_encoders=False)
     p = next(unet.parameters())
     net.to(p.device)
     return net

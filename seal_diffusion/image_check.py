@@ -23,6 +23,10 @@ another size are resized back) and averaged down to ``compare_size`` pixels a si
 private: it lives beside the key (``KEY.imgref-<challenge hash>.safetensors``, mode 0600), bound to the key's
 commitment and the challenge's SHA-256; a changed key or challenge makes it stale and it is rendered again. The
 directions are not stored: verification loads the base model and runs the backward pass.
+
+**UNet modules only.** The modules l are the key's UNet modules. A key trained with ``--train_text_encoder`` also holds
+text-encoder modules; they are skipped here (the reference and the directions use the base text encoder), so the test
+stays exact and its floor is 2^−(UNet modules). The weight test (:mod:`seal_diffusion.verify`) covers them.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ import torch.nn.functional as F
 
 from .errors import UserError
 from .keyfile import SealKey
+from .lora_names import unet_modules
+from .network import network_from_key
 
 FORMAT = "seal-image-challenge"
 VERSION = 1
@@ -197,14 +203,12 @@ class PassportLine:
     autograd gives ∂/∂t_l). Use as a context manager; the UNet is exactly the base again afterwards."""
 
     def __init__(self, pipe, key: SealKey):
-        self.pipe, self.key, self.names = pipe, key, list(key.modules)
+        self.pipe, self.key, self.names = pipe, key, unet_modules(key.modules)  # text-encoder layers: not probed
         self.mid = {n: (m.passport + m.passport_p) / 2 for n, m in key.modules.items()}
         self.half = {n: (m.passport - m.passport_p) / 2 for n, m in key.modules.items()}
 
     def __enter__(self) -> "PassportLine":
-        from .compare import seal_network_for
-
-        self.net = seal_network_for(self.pipe, self.key)
+        self.net = network_from_key(self.key, self.pipe, text_encoders=False)
         self.net.set_passport("C")
         self.set(torch.zeros(len(self.names)))
         return self
@@ -234,7 +238,7 @@ def directional_statistics(pipe, key: SealKey, challenge: Challenge, residual: t
                            batch_size: int = 4, progress: Progress | None = None) -> np.ndarray:
     """d_l = ⟨r, ∂x/∂t_l⟩ at t = 0 for every module at once: one backward pass per batch of images (the images are
     independent, so the sum over batches is exact and memory stays bounded)."""
-    grad = torch.zeros(len(key.modules), dtype=torch.float64)
+    grad = torch.zeros(len(unet_modules(key.modules)), dtype=torch.float64)
     with PassportLine(pipe, key) as line:
         for start in range(0, len(index), batch_size):
             rows = list(range(start, min(start + batch_size, len(index))))
@@ -347,7 +351,7 @@ def check_images(pipe, key: SealKey, challenge: Challenge, x_mid: torch.Tensor, 
     nlp = sign_flip_neg_log10_p(list(d))
     return ImageReport(nlp >= threshold, nlp, threshold, len(index), len(d), int((d > 0).sum()),
                        exact=not key.passport_source.startswith("image:"),
-                       per_module=[{"module": n, "stat": float(v)} for n, v in zip(key.modules, d)])
+                       per_module=[{"module": n, "stat": float(v)} for n, v in zip(unet_modules(key.modules), d)])
 
 
 # -- reading the suspect's images --------------------------------------------------------------------------------------

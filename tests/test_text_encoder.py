@@ -299,3 +299,16 @@ def test_sdxl_both_encoders(subject_dir, tmp_path):
         for w in want:
             assert _rel(_te_out(fresh, w), want[w]) <= 1e-5, (path, w)
     assert verify_path(key, out / "cat.safetensors").n_modules == len(key.modules)
+
+
+def test_function_and_image_tests_skip_text_encoder_modules(te_run, tiny_dir):
+    from seal_diffusion.functional import owner_network
+    from seal_diffusion.image_check import PassportLine
+
+    key, pipe = te_run["key"], load_pipeline("tiny")
+    net = owner_network(pipe.unet, key)
+    assert len(net.module_names) == 48 and not net.text_encoder_module_names
+    net.remove()
+    with PassportLine(pipe, key) as line:
+        assert len(line.names) == 48 and not line.net.text_encoder_module_names
+        assert "forward" not in pipe.text_encoder.encoder.layers[0].self_attn.q_proj.__dict__  # encoder untouched
