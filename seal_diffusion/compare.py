@@ -131,21 +131,11 @@ def generate(pipe, jobs: Sequence[tuple[str, int]], *, steps: int, guidance_scal
 
 
 def seal_network_for(pipe, key):
-    """A :class:`SealNetwork` on ``pipe.unet`` holding the key's raw factors and both passports (mode C)."""
-    from .network import DEFAULT_TARGETS, SealNetwork
+    """A :class:`SealNetwork` on ``pipe.unet`` — and the pipeline's text encoder(s) when the key has text-encoder
+    modules — holding the key's raw factors and both passports (mode C)."""
+    from .network import network_from_key
 
-    targets = tuple(key.target_modules) if key.target_modules else DEFAULT_TARGETS
-    passports = {m: (mk.passport, mk.passport_p) for m, mk in key.modules.items()}
-    try:
-        net = SealNetwork(pipe.unet, key.rank, key.alpha, passports=passports, targets=targets)
-    except ValueError as exc:
-        raise UserError(f"key does not fit this base model ({exc}); was it trained on {key.base_model!r}?") from exc
-    try:
-        net.load_factors({m: (mk.lora_A, mk.lora_B) for m, mk in key.modules.items()})
-    except ValueError as exc:
-        net.remove()
-        raise UserError(f"key does not fit this base model ({exc}); was it trained on {key.base_model!r}?") from exc
-    return net
+    return network_from_key(key, pipe)
 
 
 def render_variants(pipe, key, jobs, variants=VARIANTS, *, steps: int, guidance_scale: float, height: int,

@@ -312,3 +312,17 @@ def test_function_and_image_tests_skip_text_encoder_modules(te_run, tiny_dir):
     with PassportLine(pipe, key) as line:
         assert len(line.names) == 48 and not line.net.text_encoder_module_names
         assert "forward" not in pipe.text_encoder.encoder.layers[0].self_attn.q_proj.__dict__  # encoder untouched
+
+
+def test_compare_patches_the_text_encoder_and_matches_the_export(te_run, tiny_dir):
+    from seal_diffusion.compare import render_variants
+
+    key, pipe = te_run["key"], load_pipeline("tiny")
+    gen = dict(steps=2, guidance_scale=1.0, height=64, width=64)
+    images = render_variants(pipe, key, [(PROMPT, 0)], ("C", "exported"), **gen)
+    assert abs(images["C"] - images["exported"]).max() < 1e-4  # the exported file (text encoder included) = C
+    unet_key = SealKey({m: mk for m, mk in key.modules.items() if not m.startswith("text_encoder.")}, key.rank,
+                       key.alpha, key.base_model)
+    unet_only = render_variants(pipe, unet_key, [(PROMPT, 0)], ("C",), **gen)["C"]
+    assert abs(images["C"] - unet_only).max() > 1e-3  # …and C includes the text encoder's effect
+    assert "forward" not in pipe.text_encoder.encoder.layers[0].self_attn.q_proj.__dict__  # unpatched afterwards
