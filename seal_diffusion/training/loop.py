@@ -39,7 +39,7 @@ from .args import check_args, warn
 from .checkpoints import read_checkpoint_passports, read_checkpoint_state, resolve_checkpoint, save_checkpoint
 from .data import DreamBoothDataset, EpochSampler, ImageSet, collate, derived_seed, generator_for
 from .hub import push_public_files
-from .loss import LossSetup, TextEncoding
+from .loss import LossSetup, TextEncoding, param_groups
 from .outputs import refuse_to_replace, write_outputs
 from .validation import ensure_class_images, run_validation
 
@@ -209,7 +209,7 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
         import bitsandbytes  # optional, checked by check_args: only this flag needs it
 
         adamw = bitsandbytes.optim.AdamW8bit
-    optimizer = adamw(_param_groups(network, args), lr=args.learning_rate,
+    optimizer = adamw(param_groups(network, args), lr=args.learning_rate,
                                   betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
                                   eps=args.adam_epsilon)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
@@ -363,18 +363,6 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
         _reset_accelerate_state()
     return result
 
-
-
-def _param_groups(network, args) -> list[dict]:
-    """The optimizer's parameter groups: the UNet's A, B and (``--train_text_encoder``) the text encoders' A, B, the
-    latter at ``--text_encoder_lr`` when given (as in diffusers' SDXL DreamBooth script)."""
-    te_names = set(network.text_encoder_module_names)
-    unet = [p for n, l in network.items() if n not in te_names for p in (l.lora_A, l.lora_B)]
-    te = [p for n, l in network.items() if n in te_names for p in (l.lora_A, l.lora_B)]
-    groups = [{"params": unet, "lr": args.learning_rate}]
-    if te:
-        groups.append({"params": te, "lr": getattr(args, "text_encoder_lr", None) or args.learning_rate})
-    return groups
 
 
 def _check_writable(output_dir: Path) -> None:

@@ -105,3 +105,14 @@ class LossSetup:
             loss = loss + self.prior_loss_weight * per_sample[is_prior].mean()
         return loss
 
+
+def param_groups(network, args) -> list[dict]:
+    """The optimizer's parameter groups: the UNet's A, B and (``--train_text_encoder``) the text encoders' A, B, the
+    latter at ``--text_encoder_lr`` when given (as in diffusers' SDXL DreamBooth script)."""
+    te_names = set(network.text_encoder_module_names)
+    unet = [p for n, l in network.items() if n not in te_names for p in (l.lora_A, l.lora_B)]
+    te = [p for n, l in network.items() if n in te_names for p in (l.lora_A, l.lora_B)]
+    groups = [{"params": unet, "lr": args.learning_rate}]
+    if te:
+        groups.append({"params": te, "lr": getattr(args, "text_encoder_lr", None) or args.learning_rate})
+    return groups
