@@ -84,5 +84,12 @@ image = pipe({json.dumps(args.instance_prompt)}, num_inference_steps=25).images[
 | resolution | {resolution} |
 | prior preservation | {prior} |
 | mixed precision | {args.mixed_precision or "no"} |
+| text encoder | {_text_encoder_row(args)} |
 """
 
+
+def _text_encoder_row(args) -> str:
+    """Whether the text encoder(s) got LoRA layers too (``--train_text_encoder``), and at which learning rate."""
+    if not getattr(args, "train_text_encoder", False):
+        return "not trained"
+    return f"trained too (learning rate {getattr(args, 'text_encoder_lr', None) or args.learning_rate:g})"

@@ -74,6 +74,7 @@ def test_key_has_text_encoder_modules_with_both_passports(te_run):
         assert pair_problem(mk.passport, mk.passport_p) is None, m
         assert float(mk.lora_B.abs().max()) > 0, m  # the text-encoder adapters trained
     assert te_run["result"]["steps"] == 4 and len(net.text_encoder_module_names) == 20
+    assert "| text encoder | trained too (learning rate 0.01) |" in (te_run["out"] / "README.md").read_text()
 
 
 def test_unet_passports_and_init_do_not_change_when_the_text_encoder_is_added(tiny_pipe, tmp_path):
