@@ -330,7 +330,9 @@ def verify(
     module_nlp = -norm.logsf(zs) / LN10  # vectorised: one scipy call, not one per module
     per_module = [ModuleResult(n, z, float(p)) for n, z, p in zip(recovered, zs, module_nlp)]
     if not zs:
-        raise UserError(f"{suspect.path}: holds none of the key's {len(key.modules)} modules (wrong key or base?)")
+        present = f"; present but not tested: {'; '.join(suspect.not_tested)}" if suspect.not_tested else ""
+        raise UserError(f"{suspect.path}: holds none of the key's {len(key.modules)} modules (wrong key or base?)"
+                        + present)
     if statistic == "correlation":
         z_all = pool(zs, [_group_id(key.modules[m.module], statistic) for m in per_module])
         nlp = neg_log10_p(z_all)

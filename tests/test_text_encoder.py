@@ -15,6 +15,7 @@ import torch
 
 from seal_diffusion import passport
 from seal_diffusion.base_model import load_pipeline
+from seal_diffusion.errors import UserError
 from seal_diffusion.fileio import load_safetensors
 from seal_diffusion.keyfile import SealKey
 from seal_diffusion.lora_file import read_lora
@@ -230,6 +231,8 @@ def test_verify_and_scan_cover_text_encoder_layers(te_run, tmp_path):
     r = verify(unet_key, lora_suspect(lora, unet_key))
     assert r.detected and r.n_modules == 48 and any("20 text-encoder layers" in n for n in r.not_tested)
     assert not lora_suspect(read_lora(te_only), unet_key).modules
+    with pytest.raises(UserError, match="holds none of the key's 48 modules.*20 text-encoder layers that are not in"):
+        verify(unet_key, lora_suspect(read_lora(te_only), unet_key))
 
 
 def test_resume_restores_the_text_encoder_factors(te_run, subject_dir, tmp_path, capsys):
