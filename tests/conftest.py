@@ -16,6 +16,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
+from small_owner import fixed_scrypt_salt  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -56,12 +57,7 @@ def owner_training(tmp_path_factory, subject_dir):
                        "--instance_prompt", "a photo of sks cat", "--output_dir", str(out), "--output_name", "cat",
                        "--rank", "4", "--max_train_steps", "60", "--learning_rate", "2e-3", "--seed", "0",
                        "--cache_latents", "--secret", "claim test"])
-    from seal_diffusion import passport
-
-    saved, passport.new_salt = passport.new_salt, lambda: b"conftest salt 16"  # the scrypt salt is random in real
-    try:  # runs; fixed here so the session's owner run is the same every time
+    with fixed_scrypt_salt():
         result = train(args)
-    finally:
-        passport.new_salt = saved
     result["network"].remove()
     return result

@@ -1,11 +1,14 @@
 """A few-step SEAL run on the tiny UNet (alternating C/C_p, random inputs): a key and its kohya export in seconds,
 for tests that need a real key but not a DreamBooth run (the session fixture ``owner_training`` is that one)."""
 
+import contextlib
+
 import torch
 
 from seal_diffusion.export import export_lora
 from seal_diffusion.keyfile import SealKey
 from seal_diffusion.network import SealNetwork, find_target_modules
+from seal_diffusion import passport
 from seal_diffusion.passport import make_passports
 
 RANK = 4
@@ -33,3 +36,13 @@ def small_owner(folder, secret: str, rank: int = RANK) -> dict:
     key_path = key.save(folder / "owner.sealkey")
     kohya = export_lora(key, folder / "owner.safetensors", "kohya", "owner")
     return dict(key=key, key_path=key_path, kohya=kohya, dir=folder, unet=unet)
+
+
+@contextlib.contextmanager
+def fixed_scrypt_salt():
+    """The scrypt salt is random in real runs; fixed here so that a test's --secret run is the same every time."""
+    saved, passport.new_salt = passport.new_salt, lambda: b"conftest salt 16"
+    try:
+        yield
+    finally:
+        passport.new_salt = saved

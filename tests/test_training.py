@@ -20,6 +20,7 @@ from seal_diffusion.keyfile import SealKey
 from seal_diffusion.lora_file import read_lora
 from seal_diffusion.evaluation import heldout_batch, heldout_denoising_loss, training_noise_scheduler
 from seal_diffusion.training import main, parse_args, train
+from small_owner import fixed_scrypt_salt
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "a photo of sks cat"
@@ -50,7 +51,8 @@ def seal_run(tiny_dir, subject_dir, tmp_path_factory):
                             "--validation_inference_steps", "2"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(fileio, "write_bytes_atomic", recording)
-        result = train(args, progress_callback=lambda *a: calls.append(a))
+        with fixed_scrypt_salt():
+            result = train(args, progress_callback=lambda *a: calls.append(a))
     return dict(result=result, out=out, writes=writes, calls=calls)
 
 
