@@ -85,13 +85,13 @@ def resolve_base(source: str | os.PathLike, *, allow_pickle: bool = False) -> Ba
 
 def config_from_base(base: str | os.PathLike | None) -> str | None:
     """The local diffusers folder that gives a single-file model's configs when ``base`` names one: the embedded
-    default's folder for ``tiny``, the folder itself for a diffusers folder; else None."""
+    default's folder for ``tiny`` / ``tiny-xl``, the folder itself for a diffusers folder; else None."""
     if base is None:
         return None
-    if str(base) == "tiny":
+    if str(base) in TINY_NAMES:
         from .tiny import tiny_model_dir
 
-        return str(tiny_model_dir())
+        return str(tiny_model_dir(xl=str(base) == "tiny-xl"))
     path = Path(base).expanduser()
     return str(path) if (path / "model_index.json").is_file() else None
 

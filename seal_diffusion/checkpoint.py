@@ -1,18 +1,24 @@
-"""Export a diffusers Stable Diffusion 1.x pipeline as an original (LDM / CompVis) single-file checkpoint.
+"""Export a diffusers Stable Diffusion 1.x or SDXL pipeline as an original (LDM / SGM) single-file checkpoint.
 
 A1111, ComfyUI and most other tools load SD 1.x models as one ``.safetensors`` file in the layout of the original
 CompVis ``LatentDiffusion`` module: ``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` (VAE) and
-``cond_stage_model.transformer.text_model.*`` (CLIP text encoder). This module is the inverse of diffusers' own
-``convert_ldm_unet_checkpoint`` / ``convert_ldm_vae_checkpoint`` / ``convert_ldm_clip_checkpoint`` (in
+``cond_stage_model.transformer.text_model.*`` (CLIP text encoder). SDXL files (Stability's SGM layout) keep the UNet
+and VAE names (plus ``label_emb.0.*``, the added time/text embedding) and hold two text encoders:
+``conditioner.embedders.0.transformer.text_model.*`` (CLIP-L, transformers naming) and
+``conditioner.embedders.1.model.*`` (OpenCLIP-G in open_clip naming: ``transformer.resblocks.N.attn.in_proj_weight``
+with q, k, v concatenated, ``ln_final``, ``text_projection`` stored transposed, ``positional_embedding``,
+``token_embedding``). This module is the inverse of diffusers' own ``convert_ldm_unet_checkpoint`` /
+``convert_ldm_vae_checkpoint`` / ``convert_ldm_clip_checkpoint`` / ``convert_open_clip_checkpoint`` (in
 ``diffusers.loaders.single_file_utils``), so that
 
     StableDiffusionPipeline.from_single_file(path, config=<diffusers folder of the same architecture>)
 
-gives back exactly the same weights. The key mapping is derived from the model configs (number of levels,
+(``StableDiffusionXLPipeline`` for SDXL) gives back exactly the same weights. The key mapping is derived from the model configs (number of levels,
 ``layers_per_block``), not hard-coded for SD 1.5's four levels, so the tiny SD-shaped test model converts as well.
 
-Only the SD 1.x building blocks are supported (``CrossAttnDownBlock2D``/``DownBlock2D``, ``UNetMidBlock2DCrossAttn``,
-``CrossAttnUpBlock2D``/``UpBlock2D``; a KL VAE; a ``CLIPTextModel``). Any weight without an LDM counterpart raises
+Only the SD 1.x / SDXL building blocks are supported (``CrossAttnDownBlock2D``/``DownBlock2D``,
+``UNetMidBlock2DCrossAttn``, ``CrossAttnUpBlock2D``/``UpBlock2D``, SDXL's ``text_time`` added embedding; a KL VAE;
+a ``CLIPTextModel``, and for SDXL a ``CLIPTextModelWithProjection`` as the second encoder). Any weight without an LDM counterpart raises
 :class:`~seal_diffusion.errors.UserError` instead of being silently dropped.
 
 The returned dicts hold the models' own tensors (no copies); the VAE attention weights are reshaped views.
@@ -33,6 +39,8 @@ from .fileio import save_safetensors_atomic
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
+SDXL_TEXT_ENCODER_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 
 _UNET_DOWN_TYPES = {"CrossAttnDownBlock2D", "DownBlock2D"}
 _UNET_UP_TYPES = {"CrossAttnUpBlock2D", "UpBlock2D"}
@@ -158,6 +166,9 @@ def unet_to_ldm(unet_state_dict: Mapping[str, torch.Tensor], unet_config: Any) -
         "mid_block.attentions.0.": ("middle_block.1.", none),
         "mid_block.resnets.1.": ("middle_block.2.", resnet),
     }
+    if config.get("addition_embed_type") == "text_time":  # SDXL: pooled text + size/crop ids → label_emb
+        prefix_map["add_embedding.linear_1."] = ("label_emb.0.0.", none)
+        prefix_map["add_embedding.linear_2."] = ("label_emb.0.2.", none)
     for i in range(len(down_types)):
         for j in range(layers):
             block = 1 + i * (layers + 1) + j
@@ -227,8 +238,10 @@ def vae_to_ldm(vae_state_dict: Mapping[str, torch.Tensor], vae_config: Any) -> d
     return {VAE_PREFIX + k: _vae_attention_to_conv(k, v) for k, v in mapped.items()}
 
 
-def text_encoder_to_ldm(te_state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Prefix a ``CLIPTextModel`` state dict for SD 1.x: ``cond_stage_model.transformer.text_model.*``.
+def text_encoder_to_ldm(te_state_dict: Mapping[str, torch.Tensor], prefix: str = TEXT_ENCODER_PREFIX
+                        ) -> dict[str, torch.Tensor]:
+    """Prefix a ``CLIPTextModel`` state dict for SD 1.x: ``cond_stage_model.transformer.text_model.*`` (SDXL's first
+    encoder: ``prefix=SDXL_TEXT_ENCODER_PREFIX``).
 
     Newer transformers versions drop the ``text_model.`` level from ``CLIPTextModel``; it is added back here, since
     SD 1.x checkpoints (and diffusers' detection of them) use it. The non-persistent ``position_ids`` buffer, present
@@ -244,30 +257,107 @@ def text_encoder_to_ldm(te_state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
         if not name.startswith(top_level):
             unknown.append(key)
             continue
-        out[f"{TEXT_ENCODER_PREFIX}text_model.{name}"] = value
+        out[f"{prefix}text_model.{name}"] = value
     if unknown:
         raise UserError(f"text encoder: weights outside a CLIPTextModel (SD 1.x) layout: {', '.join(unknown[:5])}")
     return out
 
 
+# open_clip's names for one transformer block's parts (diffusers/transformers name -> open_clip name)
+_OPEN_CLIP_BLOCK_RENAMES = {
+    "self_attn.out_proj.": "attn.out_proj.",
+    "layer_norm1.": "ln_1.",
+    "layer_norm2.": "ln_2.",
+    "mlp.fc1.": "mlp.c_fc.",
+    "mlp.fc2.": "mlp.c_proj.",
+}
+
+
+def open_clip_to_ldm(te_state_dict: Mapping[str, torch.Tensor], prefix: str = SDXL_OPEN_CLIP_PREFIX
+                     ) -> dict[str, torch.Tensor]:
+    """A ``CLIPTextModelWithProjection`` state dict (SDXL's second encoder) in open_clip naming under ``prefix``.
+
+    q/k/v projections become one ``attn.in_proj_weight``/``in_proj_bias`` (concatenated in that order, as
+    ``nn.MultiheadAttention`` stores them); ``text_projection`` is stored transposed (open_clip multiplies
+    ``x @ text_projection``). New tensors are made only for those two; everything else is the model's own.
+    """
+    sd = {k.removeprefix("text_model."): v for k, v in te_state_dict.items() if not k.endswith("position_ids")}
+    out: dict[str, torch.Tensor] = {}
+    singles = {
+        "embeddings.token_embedding.weight": "token_embedding.weight",
+        "embeddings.position_embedding.weight": "positional_embedding",
+        "final_layer_norm.weight": "ln_final.weight",
+        "final_layer_norm.bias": "ln_final.bias",
+    }
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    unknown: list[str] = []
+    for key, value in sd.items():
+        if key in singles:
+            out[prefix + singles[key]] = value
+        elif key == "text_projection.weight":
+            out[prefix + "text_projection"] = value.T.contiguous()
+        elif key.startswith("encoder.layers."):
+            layer, _, rest = key[len("encoder.layers."):].partition(".")
+            block = f"{prefix}transformer.resblocks.{layer}."
+            for proj in ("q", "k", "v"):
+                if rest.startswith(f"self_attn.{proj}_proj."):
+                    qkv.setdefault(block + "attn.in_proj_" + rest.rpartition(".")[2], {})[proj] = value
+                    break
+            else:
+                renamed = _rename_first_prefix(rest, _OPEN_CLIP_BLOCK_RENAMES)
+                if renamed is None:
+                    unknown.append(key)
+                else:
+                    out[block + renamed] = value
+        else:
+            unknown.append(key)
+    for key, parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            unknown.append(key)
+            continue
+        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]], 0)
+    if unknown:
+        raise UserError(f"text encoder 2: weights outside an OpenCLIP (SDXL) layout: {', '.join(unknown[:5])}")
+    return out
+
+
+def _rename_first_prefix(rest: str, renames: Mapping[str, str]) -> str | None:
+    for old, new in renames.items():
+        if rest.startswith(old):
+            return new + rest[len(old):]
+    return None
+
+
+def is_sdxl_pipeline(pipe: Any) -> bool:
+    """Whether ``pipe`` has SDXL's second text encoder (then the single file uses the SGM layout)."""
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
 def pipeline_to_ldm(pipe: Any) -> dict[str, torch.Tensor]:
-    """The whole SD 1.x checkpoint of ``pipe`` (UNet, VAE, text encoder) in LDM naming."""
-    for name in ("unet", "vae", "text_encoder"):
+    """The whole checkpoint of ``pipe`` in single-file naming: SD 1.x (UNet, VAE, text encoder) or SDXL (UNet, VAE,
+    CLIP-L, OpenCLIP-G)."""
+    xl = is_sdxl_pipeline(pipe)
+    needed = ("unet", "vae", "text_encoder", "text_encoder_2") if xl else ("unet", "vae", "text_encoder")
+    for name in needed:
         if getattr(pipe, name, None) is None:
-            raise UserError(
-                f"pipeline has no {name}; an SD 1.x single-file checkpoint needs unet, vae and text_encoder"
-            )
+            raise UserError(f"pipeline has no {name}; a{'n SDXL' if xl else ' SD 1.x'} single-file checkpoint needs "
+                            f"{', '.join(needed)}")
     tensors: dict[str, torch.Tensor] = {}
     tensors.update(unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config))
     tensors.update(vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config))
-    tensors.update(text_encoder_to_ldm(pipe.text_encoder.state_dict()))
+    if xl:
+        tensors.update(text_encoder_to_ldm(pipe.text_encoder.state_dict(), SDXL_TEXT_ENCODER_PREFIX))
+        tensors.update(open_clip_to_ldm(pipe.text_encoder_2.state_dict()))
+    else:
+        tensors.update(text_encoder_to_ldm(pipe.text_encoder.state_dict()))
     return tensors
 
 
 def save_single_file(pipe: Any, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write ``pipe`` as one LDM-layout ``.safetensors`` checkpoint (atomically); returns ``path``.
 
-    Load it back with ``StableDiffusionPipeline.from_single_file(path, config=<diffusers folder>)``.
+    Load it back with ``StableDiffusionPipeline.from_single_file(path, config=<diffusers folder>)``
+    (``StableDiffusionXLPipeline`` for an SDXL pipeline).
     """
     tensors = pipeline_to_ldm(pipe)
     return save_safetensors_atomic(tensors, path, metadata={"format": "pt"}, overwrite=overwrite, what="checkpoint")

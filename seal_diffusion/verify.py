@@ -5,8 +5,8 @@ Per module m, with the owner's raw factors B (out×r), A (r×in) and scale s = �
     Ĉ_m = pinv(B) · ΔŴ_m · pinv(A) / s
 
 For a LoRA suspect (down D, up U; ΔŴ = U·D) this is computed as pinv(BᵀB)·(BᵀU)·(DAᵀ)·pinv(AAᵀ) / s — only r×r'
-and r'×r products and r×r pseudo-inverses (:class:`PreparedKey`), ΔW is never formed. For a merged model,
-ΔŴ = W_suspect − W_base. Any product-preserving re-factorisation of the release (rescale, permute, mix, pad, SVD)
+and r'×r products and r×r pseudo-inverses (:class:`PreparedKey`; the numerical core is :mod:`.recovery`), ΔW is
+never formed. For a merged model, ΔŴ = W_suspect − W_base. Any product-preserving re-factorisation of the release (rescale, permute, mix, pad, SVD)
 leaves Ĉ unchanged.
 
 **The statistic (default: ``contrast``, an exact sign-flip test).** Training uses two random passports; only after
@@ -33,7 +33,6 @@ Detection: −log10 p ≥ threshold (default 3.3, p < 5·10⁻⁴, the paper's r
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -44,10 +43,11 @@ from scipy.stats import norm
 
 from .errors import UserError
 from .keyfile import SealKey
+from .recovery import (  # noqa: F401 - re-exported: verify's public numerical API
+    LN10, PreparedKey, _recover, passport_std, prepare, recover_groups, recover_passports, sign_flip_neg_log10_p)
 
 DEFAULT_THRESHOLD = 3.3
 STATISTICS = ("contrast", "correlation")
-LN10 = math.log(10.0)
 
 
 def neg_log10_p(z: float) -> float:
@@ -124,133 +124,7 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-# -- recovery -----------------------------------------------------------------------------------------------------------
-class PreparedKey:
-    """What verification needs from a key, computed once (``scan`` and the robustness report reuse it per file).
-
-    Per module, in float64: B and A, the r×r pseudo-inverses G_B = pinv(BᵀB) and G_A = pinv(AAᵀ) (so that
-    pinv(B) = G_B·Bᵀ and pinv(A) = Aᵀ·G_A — identities that hold for any matrix), C, the reference passport of each
-    statistic, and ‖s·B·C·A‖² = s²·tr(BᵀB·C·AAᵀ·Cᵀ). Only r×r matrices beyond the factors themselves, no SVD of a
-    tall factor. Modules of equal shape are stacked and handled by batched products (SD 1.5's 128 modules come in 7
-    shapes), so the work is a few dozen large BLAS calls instead of a thousand small ones.
-    """
-
-    def __init__(self, key: SealKey):
-        self.groups: dict[tuple[int, int], list[str]] = {}
-        for name, mk in key.modules.items():
-            self.groups.setdefault((mk.lora_B.shape[0], mk.lora_A.shape[1]), []).append(name)
-        self.where = {n: (shape, i) for shape, names in self.groups.items() for i, n in enumerate(names)}
-        self.b, self.a, self.btb, self.aat, self.g_b, self.g_a = {}, {}, {}, {}, {}, {}
-        for shape, names in self.groups.items():
-            b = _stack64([key.modules[n].lora_B for n in names])  # g × out × r
-            a = _stack64([key.modules[n].lora_A for n in names])  # g × r × in
-            self.b[shape], self.a[shape] = b, a
-            self.btb[shape], self.aat[shape] = b.mT @ b, a @ a.mT
-            self.g_b[shape], self.g_a[shape] = _pinv_sym(self.btb[shape]), _pinv_sym(self.aat[shape])
-        self._set_passports(key)
-
-    def _set_passports(self, key: SealKey) -> None:
-        self.key, self.scale, self.sigma = key, key.scale, passport_std(key)
-        self.c, self.contrast, self.release_sq = {}, {}, {}
-        for shape, names in self.groups.items():
-            c = _stack64([key.modules[n].passport for n in names])
-            self.c[shape] = c
-            self.contrast[shape] = c - _stack64([key.modules[n].passport_p for n in names])
-            self.release_sq[shape] = self.scale ** 2 * ((self.btb[shape] @ c @ self.aat[shape]) * c).sum((1, 2))
-
-    def with_passports(self, key: SealKey) -> "PreparedKey":
-        """The same factors (B, A must be this key's) with ``key``'s passports: decoy keys without redoing pinvs."""
-        other = copy.copy(self)
-        other._set_passports(key)
-        return other
-
-    def reference(self, name: str, statistic: str) -> torch.Tensor:
-        """The passport a recovered Ĉ is compared with: C (``correlation``) or C − C_p (``contrast``)."""
-        shape, i = self.where[name]
-        return (self.c if statistic == "correlation" else self.contrast)[shape][i]
-
-
-def _stack64(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Stack as float64 with one copy (``torch.stack(...).double()`` makes two)."""
-    out = torch.empty((len(tensors), *tensors[0].shape), dtype=torch.float64)
-    for i, t in enumerate(tensors):
-        out[i].copy_(t)
-    return out
-
-
-def _pinv_sym(g: torch.Tensor) -> torch.Tensor:
-    """Pseudo-inverses of a stack of symmetric r×r matrices (numpy's LAPACK loop: 4× faster than torch's here)."""
-    import numpy as np
-
-    return torch.from_numpy(np.linalg.pinv(g.numpy(), hermitian=True))
-
-
-def prepare(key: SealKey | PreparedKey) -> PreparedKey:
-    """``key`` ready for :func:`verify` (a :class:`PreparedKey` is returned as is)."""
-    return key if isinstance(key, PreparedKey) else PreparedKey(key)
-
-
-def _recover(prep: PreparedKey, suspect: Suspect) -> tuple[dict[str, torch.Tensor], float | None]:
-    """Ĉ per module held by the suspect (key order), and ‖ΔŴ − s·B·C·A‖ / ‖s·B·C·A‖ over those modules.
-
-    LoRA suspect (down D, up U): P = (BᵀU)(DAᵀ) = Bᵀ·ΔŴ·Aᵀ is r×r, Ĉ = G_B·P·G_A / s; the error needs
-    ‖ΔŴ‖² = tr(UᵀU·DDᵀ) and ⟨ΔŴ, s·B·C·A⟩ = s·⟨P, C⟩ — ΔW is never formed. Merged model: P = Bᵀ·ΔW·Aᵀ directly.
-    Modules are batched per key shape group and, within it, per suspect rank.
-    """
-    found: dict[str, torch.Tensor] = {}
-    num = den = 0.0
-    s = prep.scale
-    for shape, names in prep.groups.items():
-        out_f, in_f = shape
-        batches: dict[object, list[int]] = {}
-        for i, n in enumerate(names):
-            if n in suspect.factors:
-                down, up = suspect.factors[n]
-                if down.dim() != 2 or up.dim() != 2 or down.shape[1] != in_f or up.shape[0] != out_f \
-                        or up.shape[1] != down.shape[0]:
-                    raise UserError(f"{suspect.path}: {n} has down {tuple(down.shape)} and up {tuple(up.shape)}, "
-                                    f"but the key's layer is {in_f}→{out_f} (another base model?)")
-                batches.setdefault(down.shape[0], []).append(i)
-            elif n in suspect.deltas:
-                if tuple(suspect.deltas[n].shape) != (out_f, in_f):
-                    raise UserError(f"{suspect.path}: {n} has shape {tuple(suspect.deltas[n].shape)}, "
-                                    f"the key's layer is {(out_f, in_f)}")
-                batches.setdefault("delta", []).append(i)
-        for kind, idx in batches.items():
-            pick = (lambda t: t) if len(idx) == len(names) else (lambda t: t[idx])  # indexing would copy
-            b, a = pick(prep.b[shape]), pick(prep.a[shape])
-            if kind == "delta":
-                d = _stack64([suspect.deltas[names[i]] for i in idx])
-                p = (b.mT @ d) @ a.mT
-                suspect_sq = (d * d).sum((1, 2))
-            else:
-                down = _stack64([suspect.factors[names[i]][0] for i in idx])  # k × r' × in
-                up = _stack64([suspect.factors[names[i]][1] for i in idx])  # k × out × r'
-                p = (b.mT @ up) @ (down @ a.mT)
-                suspect_sq = ((up.mT @ up) * (down @ down.mT)).sum((1, 2))
-            c_hat = pick(prep.g_b[shape]) @ p @ pick(prep.g_a[shape]) / s
-            release_sq = pick(prep.release_sq[shape])
-            err_sq = suspect_sq - 2 * s * (p * pick(prep.c[shape])).sum((1, 2)) + release_sq
-            num += float(err_sq.clamp_min(0).sum())
-            den += float(release_sq.sum())
-            found.update((names[i], c) for i, c in zip(idx, c_hat))
-    recovered = {n: found[n] for n in prep.where if n in found}
-    return recovered, (math.sqrt(num / den) if den > 0 else None)
-
-
-def recover_passports(key: SealKey | PreparedKey, suspect: Suspect) -> dict[str, torch.Tensor]:
-    """Ĉ = pinv(B)·ΔŴ·pinv(A) / s for every module of the key that the suspect holds (float64)."""
-    return _recover(prepare(key), suspect)[0]
-
-
-
-def passport_std(key: SealKey) -> float:
-    """σ of the passports, estimated from all entries of C and C_p (thousands of draws; mean known to be 0)."""
-    sq = sum(float((mk.passport.double() ** 2).sum() + (mk.passport_p.double() ** 2).sum()) for mk in key.modules.values())
-    n = sum(2 * mk.passport.numel() for mk in key.modules.values())
-    return math.sqrt(sq / n)
-
-
+# -- the test -----------------------------------------------------------------------------------------------------------
 def _group_id(mk, statistic: str) -> bytes:
     ref = mk.passport if statistic == "correlation" else mk.passport - mk.passport_p
     return ref.float().numpy().tobytes()
@@ -270,40 +144,6 @@ def pool(zs: list[float], groups: list[bytes]) -> float:
     return sum(means) / math.sqrt(len(means))
 
 
-def sign_flip_neg_log10_p(d: list[float], resolution: int = 1000) -> float:
-    """−log10 of the exact one-sided sign-flip p-value P(Σ ε_m |d_m| ≥ Σ d_m), ε_m fair independent signs.
-
-    The |d_m| are put on a grid of step δ = max|d|/resolution; rounding moves the sum by at most e = Mδ/2, so
-    P(S ≥ t) ≤ P(S_grid ≥ t − e), which is computed exactly by convolution (conservative). Beyond 1000 modules (2^−M
-    would underflow) Hoeffding's bound exp(−t²/2Σd²) is used instead.
-    """
-    import numpy as np
-
-    a = np.abs(np.asarray(d, dtype=np.float64))
-    t = float(np.sum(d))
-    m = a.size
-    if m == 0 or t <= 0 or a.max() == 0:
-        return 0.0
-    if m > 1000:
-        return t * t / (2.0 * float(np.sum(a * a))) / LN10
-    delta = a.max() / resolution
-    q = np.rint(a / delta).astype(np.int64)
-    q = q[q > 0]
-    # S_grid/δ = 2X − Q with X = the sum of the q_i whose sign is +: a subset sum, each term in with probability ½.
-    # counts[k] = number of sign patterns with X = k (≤ 2^M, exact enough in float64), grown one term at a time.
-    total = int(q.sum())
-    counts = np.zeros(total + 1)
-    counts[0] = 1.0
-    hi = 0
-    for qi in q:
-        counts[qi:hi + qi + 1] += counts[:hi + 1].copy()
-        hi += qi
-    threshold = math.ceil((t - m * delta / 2.0) / delta - 1e-9)  # S_grid/δ ≥ threshold ⇔ X ≥ (threshold + Q)/2
-    k0 = max(math.ceil((threshold + total) / 2.0), 0)
-    tail = float(counts[k0:].sum()) / 2.0 ** q.size if k0 <= total else 0.0
-    return float(-math.log10(max(min(tail, 1.0), 1e-320)))
-
-
 def verify(
     key: SealKey | PreparedKey,
     suspect: Suspect,
@@ -318,17 +158,21 @@ def verify(
         raise UserError(f"--statistic {statistic!r}: expected one of {', '.join(STATISTICS)}")
     prep = prepare(key)
     key = prep.key
-    recovered, reconstruction_error = _recover(prep, suspect)
+    parts, reconstruction_error = recover_groups(prep, suspect)
     ref_sigma = prep.sigma if statistic == "correlation" else prep.sigma * math.sqrt(2.0)
-    zs, n_entries = [], 0
-    for name, c_hat in recovered.items():
-        norm_hat = float(c_hat.norm())
-        ok = norm_hat > 0 and math.isfinite(norm_hat)
-        z = float((c_hat * prep.reference(name, statistic)).sum()) / (ref_sigma * norm_hat) if ok else 0.0
-        zs.append(z)
-        n_entries += c_hat.numel()
+    refs = prep.references(statistic)
+    z_of: dict[str, float] = {}
+    for shape, idx, c_hat in parts:  # z_m = ⟨Ĉ_m, reference_m⟩ / (σ_ref‖Ĉ_m‖), one batched product per group
+        ref = refs[shape] if len(idx) == len(prep.groups[shape]) else refs[shape][idx]
+        norms = torch.linalg.vector_norm(c_hat, dim=(1, 2))
+        ok = (norms > 0) & torch.isfinite(norms)
+        z = torch.where(ok, (c_hat * ref).sum((1, 2)) / (ref_sigma * norms), 0.0)
+        z_of.update(zip((prep.groups[shape][i] for i in idx), z.tolist()))
+    names = [n for n in prep.where if n in z_of]  # key order
+    zs = [z_of[n] for n in names]
+    n_entries = sum(c_hat.numel() for _, _, c_hat in parts)
     module_nlp = -norm.logsf(zs) / LN10  # vectorised: one scipy call, not one per module
-    per_module = [ModuleResult(n, z, float(p)) for n, z, p in zip(recovered, zs, module_nlp)]
+    per_module = [ModuleResult(n, z, float(p)) for n, z, p in zip(names, zs, module_nlp)]
     if not zs:
         present = f"; present but not tested: {'; '.join(suspect.not_tested)}" if suspect.not_tested else ""
         raise UserError(f"{suspect.path}: holds none of the key's {len(key.modules)} modules (wrong key or base?)"

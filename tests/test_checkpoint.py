@@ -198,3 +198,68 @@ def test_refuses_overwrite_and_unsupported_unets(reseeded_pipe, tiny_file):
     with pytest.raises(UserError, match="no SD 1.x single-file"):
         state = {**reseeded_pipe.unet.state_dict(), "class_embedding.weight": torch.zeros(1)}
         unet_to_ldm(state, reseeded_pipe.unet.config)
+
+
+# -- SDXL (SGM layout) -------------------------------------------------------------------------------------------------
+def _wider_second_encoder(pipe, seed: int):
+    """tiny-xl with text encoder 2 48 wide instead of 32: diffusers' single-file loader tells SDXL's two encoders
+    apart by their width (768 vs 1280 in SDXL), so with tiny-xl's equal widths it would load encoder 2 from encoder 1's
+    weights. The file itself is right either way (checked with diffusers' own converter below)."""
+    from transformers import CLIPTextModelWithProjection
+
+    config = pipe.text_encoder_2.config.to_dict() | {"hidden_size": 48}
+    torch.manual_seed(seed)
+    pipe.text_encoder_2 = CLIPTextModelWithProjection(type(pipe.text_encoder_2.config)(**config))
+    return pipe
+
+
+def test_sdxl_from_single_file_round_trip_is_exact(tmp_path, monkeypatch):
+    """An SDXL pipeline written in the SGM layout loads back through StableDiffusionXLPipeline.from_single_file with
+    every tensor of all four models equal; on tiny-xl itself, diffusers' converters give back every tensor."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.loaders.single_file_utils import (CHECKPOINT_KEY_NAMES, convert_ldm_clip_checkpoint,
+                                                     convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
+                                                     convert_open_clip_checkpoint)
+
+    from seal_diffusion.tiny import build_tiny_xl_pipeline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    xl = build_tiny_xl_pipeline(seed=1234)  # not the folder's weights
+    tensors = pipeline_to_ldm(xl)
+    assert all(k.startswith(("model.diffusion_model.", "first_stage_model.", "conditioner.embedders.0.transformer.",
+                             "conditioner.embedders.1.model.")) for k in tensors)
+    for what in ("clip_sdxl", "open_clip_sdxl"):  # how diffusers recognises SDXL's two encoders
+        assert CHECKPOINT_KEY_NAMES[what] in tensors
+    qkv = tensors["conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"]
+    assert qkv.shape == (96, 32)  # q, k, v stacked
+    assert "model.diffusion_model.label_emb.0.0.weight" in tensors  # SDXL's added time/text embedding
+    unet = convert_ldm_unet_checkpoint(tensors, dict(xl.unet.config))
+    vae = convert_ldm_vae_checkpoint(tensors, dict(xl.vae.config))
+    clip = {k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(tensors).items()}
+    clip_g = convert_open_clip_checkpoint(xl.text_encoder_2, tensors, prefix="conditioner.embedders.1.model.")
+    for name, back in (("unet", unet), ("vae", vae), ("text_encoder", clip), ("text_encoder_2", clip_g)):
+        state = {k: v for k, v in getattr(xl, name).state_dict().items() if not k.endswith("position_ids")}
+        _assert_state_dicts_equal(state, back, name)
+    layers = xl.text_encoder_2.config.num_hidden_layers  # each in_proj weight and bias is split in three
+    assert len(unet) + len(vae) + len(clip) + len(clip_g) == len(tensors) + 4 * layers  # every key in the file used
+
+    folder_pipe = _wider_second_encoder(build_tiny_xl_pipeline(), 0)
+    folder_pipe.save_pretrained(tmp_path / "config")  # the diffusers folder giving the configs
+    xl = _wider_second_encoder(build_tiny_xl_pipeline(seed=1234), 1234)
+    path = save_single_file(xl, tmp_path / "xl.safetensors")
+    loaded = StableDiffusionXLPipeline.from_single_file(str(path), config=str(tmp_path / "config"),
+                                                        local_files_only=True)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        assert not torch.equal(next(iter(getattr(folder_pipe, name).state_dict().values())),
+                               next(iter(getattr(xl, name).state_dict().values()))), name
+        _assert_state_dicts_equal(getattr(xl, name).state_dict(), getattr(loaded, name).state_dict(), name)
+
+
+def test_open_clip_names_refuse_unknown_weights():
+    from seal_diffusion.checkpoint import open_clip_to_ldm
+
+    w = torch.zeros(2, 2)
+    with pytest.raises(UserError, match="OpenCLIP"):
+        open_clip_to_ldm({"text_model.encoder.layers.0.self_attn.q_proj.weight": w})  # k, v missing
+    with pytest.raises(UserError, match="OpenCLIP"):
+        open_clip_to_ldm({"text_model.pooler.weight": w})

@@ -155,3 +155,73 @@ def test_sdxl_kohya_names_match_diffusers_conversion_on_full_size_unet():
             attn, _, proj = k[len("unet."):-len("_lora.down.weight")].partition(".processor.")
             back[f"{attn}.{'to_out.0' if proj == 'to_out' else proj}"] = float(v)
     assert back == {m: float(i) for i, m in enumerate(modules)}  # 560 modules, each to itself
+
+
+def test_merged_sdxl_checkpoint_is_written_as_sgm_and_detected(tmp_path):
+    """attack merge into tiny-xl → one SGM-layout .safetensors; verify MERGED --base tiny-xl finds the passport."""
+    from seal_diffusion import attacks
+    from seal_diffusion.cli import main as cli_main
+    from seal_diffusion.export import export_lora
+    from seal_diffusion.fileio import safe_open_keys
+    from seal_diffusion.keyfile import ModuleKey, SealKey
+    from seal_diffusion.passport import make_passports
+
+    modules = find_target_modules(load_pipeline("tiny-xl").unet)
+    passports = make_passports(list(modules), 4, "merged sdxl")
+    g = torch.Generator().manual_seed(0)
+    key = SealKey({n: ModuleKey(torch.randn(4, m.in_features, generator=g) / m.in_features ** 0.5,
+                                torch.randn(m.out_features, 4, generator=g) * 0.1, *passports[n])
+                   for n, m in modules.items()}, 4, 4.0, "tiny-xl", architecture="sdxl_base_v1-0")
+    key_path = key.save(tmp_path / "owner.sealkey")
+    lora = export_lora(key, tmp_path / "release.safetensors", "kohya")
+    model = attacks.merge_into_checkpoint(lora, "tiny-xl", tmp_path / "merged.safetensors")
+    names = safe_open_keys(model)
+    assert "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in names
+    assert not any(k.startswith("cond_stage_model.") for k in names)
+    assert cli_main(["verify", "--key", str(key_path), str(model), "--base", "tiny-xl",
+                     "--json", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["suspect_format"] == "checkpoint" and report["n_modules"] == 560
+    assert report["reconstruction_error"] < 1e-3
+
+
+def test_plain_lora_on_tiny_xl_loads_in_the_sdxl_pipeline_and_is_not_detected(tmp_path, subject_dir):
+    """--method lora on tiny-xl: no key, both public files load in StableDiffusionXLPipeline and change its output the
+    same way; verified against an SDXL key it is not detected (it carries no passport)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from seal_diffusion.conditioning import encode_text
+    from seal_diffusion.keyfile import ModuleKey, SealKey
+    from seal_diffusion.passport import make_passports
+    from seal_diffusion.tiny import tiny_model_dir
+    from seal_diffusion.training import parse_args, train
+    from seal_diffusion.verify import verify_path
+
+    out = tmp_path / "run"
+    result = train(parse_args(["--pretrained_model_name_or_path", "tiny-xl", "--instance_data_dir", str(subject_dir),
+                               "--instance_prompt", "a photo of sks cat", "--output_dir", str(out), "--output_name",
+                               "plain", "--method", "lora", "--rank", "4", "--max_train_steps", "2",
+                               "--learning_rate", "1e-2", "--seed", "0", "--train_batch_size", "1"]))
+    assert result["key_path"] is None and not list(out.glob("*.sealkey"))
+    pipe = result["pipeline"]
+    cond = encode_text(pipe, "a photo of sks cat")
+    latents, t = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(3)), torch.tensor([500])
+    outputs = []
+    for path in (out / "plain.safetensors", out):
+        fresh = StableDiffusionXLPipeline.from_pretrained(tiny_model_dir(xl=True), local_files_only=True)
+        fresh.load_lora_weights(str(path))
+        with torch.no_grad():
+            outputs.append(fresh.unet(latents, t, **cond.unet_kwargs()).sample)
+    with torch.no_grad():
+        base = load_pipeline("tiny-xl").unet(latents, t, **cond.unet_kwargs()).sample
+    assert float((outputs[0] - outputs[1]).norm() / outputs[1].norm()) <= 1e-5  # kohya (SGM names) = diffusers
+    assert float((outputs[0] - base).norm()) > 0
+
+    modules = find_target_modules(load_pipeline("tiny-xl").unet)
+    passports = make_passports(list(modules), 4, "someone's sdxl key")
+    g = torch.Generator().manual_seed(1)
+    key = SealKey({n: ModuleKey(torch.randn(4, m.in_features, generator=g), torch.randn(m.out_features, 4, generator=g),
+                                *passports[n]) for n, m in modules.items()}, 4, 4.0, "tiny-xl",
+                  architecture="sdxl_base_v1-0")
+    report = verify_path(key, out / "plain.safetensors")
+    assert not report.detected and report.n_modules == 560

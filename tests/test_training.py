@@ -137,9 +137,10 @@ def test_existing_key_needs_force(subject_dir, tmp_path, capsys):
     assert (out / f"{NAME}.sealkey").read_bytes() == b"old key"
 
 
-def test_resume_gives_the_same_factors(tiny_dir, subject_dir, tmp_path):
+@pytest.mark.parametrize("base", ["tiny", "tiny-xl"])
+def test_resume_gives_the_same_factors(tiny_dir, subject_dir, tmp_path, base):
     common = ("--max_train_steps", "4", "--learning_rate", "1e-3", "--train_batch_size", "2", "--random_flip",
-              "--checkpointing_steps", "1", "--checkpoints_total_limit", "2")
+              "--checkpointing_steps", "1", "--checkpoints_total_limit", "2", "--pretrained_model_name_or_path", base)
     a, b = tmp_path / "a", tmp_path / "b"
     assert main(_args(subject_dir, a, *common, "--secret", SECRET)) == 0
     assert sorted(p.name for p in a.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
@@ -257,7 +258,8 @@ def test_script_help():
         assert flag in proc.stdout
 
 
-def test_two_cpu_processes_stay_in_lock_step(tiny_dir, subject_dir, tmp_path):
+@pytest.mark.parametrize("base", ["tiny", "tiny-xl"])
+def test_two_cpu_processes_stay_in_lock_step(tiny_dir, subject_dir, tmp_path, base):
     """torchrun with 2 processes on CPU (gloo): the secret is broadcast, the run checks all processes agree."""
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
@@ -266,9 +268,11 @@ def test_two_cpu_processes_stay_in_lock_step(tiny_dir, subject_dir, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # no --seed, no --secret: both are drawn on process 0 and broadcast
     cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(REPO / "train_dreambooth_seal.py"),
-           *_args(subject_dir, out, "--max_train_steps", "2", "--train_batch_size", "1", "--cache_latents", seed=False)]
+           *_args(subject_dir, out, "--max_train_steps", "2", "--train_batch_size", "1", "--cache_latents",
+                  "--pretrained_model_name_or_path", base, seed=False)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "on 2 process(es)" in proc.stdout
     assert proc.stdout.count("commitment") == 1  # only the main process reports and writes
-    assert SealKey.load(out / f"{NAME}.sealkey").rank == 4
+    key = SealKey.load(out / f"{NAME}.sealkey")
+    assert key.rank == 4 and key.architecture == ("sdxl_base_v1-0" if base == "tiny-xl" else "sd_v1")

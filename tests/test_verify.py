@@ -101,6 +101,65 @@ def test_recovery_matches_explicit_pseudo_inverses_for_mixed_suspects(owner):
     assert rep.reconstruction_error == pytest.approx(math.sqrt(num / den), rel=1e-6)
 
 
+def _full_sign_flip_dp(d, resolution=1000):
+    """The untruncated subset-sum DP (every count up to Q), the reference for the truncated one."""
+    import numpy as np
+
+    a = np.abs(np.asarray(d))
+    delta = a.max() / resolution
+    q = np.rint(a / delta).astype(np.int64)
+    q = q[q > 0]
+    counts = np.zeros(int(q.sum()) + 1)
+    counts[0] = 1.0
+    hi = 0
+    for qi in q:
+        counts[qi:hi + qi + 1] += counts[:hi + 1].copy()
+        hi += qi
+    threshold = math.ceil((sum(d) - len(d) * delta / 2.0) / delta - 1e-9)
+    k0 = max(math.ceil((threshold + int(q.sum())) / 2.0), 0)
+    return -math.log10(max(float(counts[k0:].sum()) / 2.0 ** q.size, 1e-320))
+
+
+def test_sign_flip_dp_counts_only_the_tail_it_needs():
+    """The DP counts subset sums only up to Q − k0 (by complement symmetry): same p as the full DP, for copies
+    (tail = a few patterns) and innocents (tail ≈ ½) alike, with M up to SDXL's 560 modules."""
+    g = torch.Generator().manual_seed(11)
+    for m, shift in [(60, 0.0), (60, 0.3), (200, 0.05), (560, 3.0), (560, 0.0)]:
+        d = (torch.randn(m, generator=g, dtype=torch.float64) + shift).tolist()
+        if sum(d) <= 0:
+            d = [-x for x in d]
+        assert sign_flip_neg_log10_p(d) == pytest.approx(_full_sign_flip_dp(d), rel=1e-12, abs=1e-12), (m, shift)
+
+
+def test_pseudo_inverses_equal_numpy_pinv_for_every_kind_of_gram_matrix():
+    """Cholesky inverse where provably equal to pinv; rank-deficient, zero and ill-conditioned ones fall back."""
+    import numpy as np
+
+    from seal_diffusion.recovery import _pinv_sym
+
+    g = torch.Generator().manual_seed(2)
+    b = torch.randn(6, 40, 5, generator=g, dtype=torch.float64)
+    b[1] = 0.0  # a zero B (untrained module)
+    b[2, :, 4] = b[2, :, 3]  # rank-deficient
+    b[3, :, 4] = b[3, :, 3] + 1e-7 * b[3, :, 0]  # cond ≈ 1e14: must not be inverted
+    b[4] *= 1e-20  # tiny but well conditioned: an inverse, not a cut-off
+    grams = b.mT @ b
+    ours = _pinv_sym(grams.clone())
+    for i in range(len(b)):
+        ref = torch.from_numpy(np.linalg.pinv(grams[i].numpy(), hermitian=True))
+        scale = float(ref.abs().max()) or 1.0
+        assert float((ours[i] - ref).abs().max()) <= 1e-6 * scale, i
+
+
+def test_fused_and_separate_key_algebra_agree(owner):
+    """A fresh key computes BᵀB, AAᵀ inside the recovery's products; a prepared one (``ready``) beforehand."""
+    key = owner["key"]
+    suspect = _suspect(read_lora(owner["kohya"]), key)
+    fused, separate = verify(key, suspect), verify(prepare(key).ready(), suspect)
+    assert fused.neg_log10_p == pytest.approx(separate.neg_log10_p, rel=1e-12)
+    assert [m.stat for m in fused.per_module] == pytest.approx([m.stat for m in separate.per_module], rel=1e-10)
+
+
 def test_suspect_with_wrong_layer_shapes_is_one_clear_error(owner):
     from seal_diffusion.errors import UserError
 
