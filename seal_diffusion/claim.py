@@ -57,7 +57,7 @@ def fidelity_measurements(key: SealKey, base, data: str | os.PathLike, prompt: s
                           steps: int = 10, config=None) -> dict:
     """Held-out denoising loss for C, C_p, ∅ and the base, and SSIM/PSNR of C_p vs C images from fixed seeds."""
     from .base_model import load_pipeline
-    from .compare import default_size, generate, seal_network_for
+    from .render import default_size, generate, seal_network_for
     from .metrics import mean_std, psnr, ssim
     from .evaluation import heldout_batch, heldout_denoising_loss
 
@@ -169,7 +169,7 @@ def forge_passport_p(key: SealKey, mode: str = "gamma", gamma: float = 0.5, seed
 
 def _optimise_passport_p(key, init, base, data, prompt, steps, seed):
     from .base_model import load_pipeline
-    from .compare import seal_network_for
+    from .render import seal_network_for
     from .evaluation import heldout_batch, training_noise_scheduler
 
     if data is None:

@@ -124,7 +124,7 @@ def forge(public: dict[str, tuple[torch.Tensor, torch.Tensor]], mode: str, *, se
 def _optimise(key: SealKey, pipe, data, prompt, steps, lr, repel, seed, start="random") -> SealKey:
     """Fit C̃_p on the subject's denoising loss (B̃, Ã, C̃ fixed) from a random start of C̃'s scale; ``repel`` weights
     a term that rewards a large B̃(C̃ − C̃_p)Ã relative to ΔW (capped at 1, so it cannot run away)."""
-    from .compare import seal_network_for
+    from .render import seal_network_for
     from .evaluation import heldout_batch, training_noise_scheduler
 
     g = torch.Generator().manual_seed(seed + 1)

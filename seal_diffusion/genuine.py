@@ -115,7 +115,7 @@ def function_measures(key: SealKey, base, data: str | os.PathLike, prompt: str, 
     from diffusers import DDPMScheduler
 
     from .base_model import load_pipeline
-    from .compare import seal_network_for
+    from .render import seal_network_for
     from .tiny import SD15_SCHEDULER
     from .evaluation import denoising_target as _target
     from .evaluation import heldout_batch
