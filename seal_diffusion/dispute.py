@@ -32,7 +32,13 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .base_model import load_pipeline
 from .errors import UserError
+from .genuine import check_genuine_pair
+from .keyfile import SealKey
+from .passport import pair_problem
+from .timestamp import check_reply
+from .verify import load_suspect, verify
 
 R1_TOL = 1e-3
 
@@ -126,18 +132,11 @@ VALIDITY = ("passports", "R1 reproduction", "R2 genuine pair", "commitment")
 def check_one(claim: ClaimInput, suspect, *, others: list[ClaimInput], base, data, prompt, ca, config=None,
               pipe=None) -> ClaimResult:
     """All checks of one claim (see the module docstring)."""
-    from .genuine import check_genuine_pair
-    from .keyfile import SealKey
-    from .passport import pair_problem
-    from .verify import load_suspect, verify
-
     key = SealKey.load(claim.key)
     commitment = key.commitment()
     # the timestamp first: a reply that does not check is bad input (exit 2), found before the slow checks
     stamp_time = None
     if claim.timestamp is not None:
-        from .timestamp import check_reply
-
         if ca is None:
             raise UserError(f"--timestamp {claim.timestamp}: pass --ca CAFILE (the timestamp authority's CA "
                             "certificate) to check it")
@@ -210,9 +209,6 @@ def dispute(suspect: str | os.PathLike, claims: list[ClaimInput], *, base: str |
                 raise UserError(f"{what} {p}: not found")
     for c in claims:  # every timestamp before any slow check: one that does not check is bad input (exit 2)
         if c.timestamp is not None:
-            from .keyfile import SealKey
-            from .timestamp import check_reply
-
             if ca is None:
                 raise UserError(f"--timestamp {c.timestamp}: pass --ca CAFILE (the timestamp authority's CA "
                                 "certificate) to check it")
@@ -220,9 +216,6 @@ def dispute(suspect: str | os.PathLike, claims: list[ClaimInput], *, base: str |
     if data is not None and not Path(data).is_dir():
         raise UserError(f"--data {data}: not a folder of subject images")
     if pipe is None and data is not None:
-        from .base_model import load_pipeline
-        from .keyfile import SealKey
-
         pipe = load_pipeline(base or SealKey.load(claims[0].key).base_model, config=config)
     results = [check_one(c, suspect, others=claims, base=base, data=data, prompt=prompt, ca=ca, config=config,
                          pipe=pipe) for c in claims]

@@ -16,14 +16,17 @@ import argparse
 import sys
 
 from ..cpu import short_openmp_spin
-from ..errors import UserError, os_error_line
-from ..quiet import quiet_libraries
-from .commands_attack import add_attack_command, add_robustness_command
-from .commands_check import (add_challenge_command, add_dispute_command, add_scan_command, add_verify_command,
-                             add_verify_images_command)
-from .commands_compare import add_compare_command, add_sigma_sweep_command
-from .commands_make import (add_commitment_command, add_demo_command, add_export_command, add_timestamp_command,
-                            add_tiny_model_command, add_train_command, add_ui_command)
+
+short_openmp_spin()  # before the command modules below load torch (the setting has no effect once it is loaded)
+
+from ..errors import UserError, os_error_line  # noqa: E402
+from ..quiet import quiet_libraries  # noqa: E402
+from .commands_attack import add_attack_command, add_robustness_command  # noqa: E402
+from .commands_check import (add_challenge_command, add_dispute_command, add_scan_command,  # noqa: E402
+                             add_verify_command, add_verify_images_command)
+from .commands_compare import add_compare_command, add_sigma_sweep_command  # noqa: E402
+from .commands_make import (add_commitment_command, add_demo_command, add_export_command,  # noqa: E402
+                            add_timestamp_command, add_tiny_model_command, add_train_command, add_ui_command)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,7 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    short_openmp_spin()  # before torch's import
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":  # everything after `train` belongs to the trainer's own parser (incl. --help)
         quiet_libraries()
@@ -82,11 +84,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"seal-diffusion {args.command}: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
-if __name__ == "__main__":
-    sys.exit(main())
