@@ -34,13 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def distill(key, steps: int, latent: int, out: Path, seed: int = 0) -> Path:
     """A thief's copy without training images: fresh rank-4 plain LoRA, Adam 3e-3, batch 4, random latents."""
     from seal_diffusion.base_model import load_pipeline
-    from seal_diffusion.compare import seal_network_for
+    from seal_diffusion.network import network_from_key
     from seal_diffusion.fold import fold
     from seal_diffusion.lora_file import write_lora
     from seal_diffusion.network import SealNetwork
 
     teacher, student = load_pipeline("tiny"), load_pipeline("tiny")
-    seal_network_for(teacher, key)
+    network_from_key(key, teacher)
     net = SealNetwork(student.unet, 4, passports=None)
     prompts = ["a photo of sks cat", "sks cat on a beach", "a photo of a dog", "a landscape", "a red car",
                "a portrait", "a photo of a cat", "sks cat in the snow", "a house", "flowers", "",
@@ -78,7 +78,7 @@ def main() -> int:
     from PIL import Image
 
     from seal_diffusion.base_model import load_pipeline
-    from seal_diffusion.compare import generate
+    from seal_diffusion.render import generate
     from seal_diffusion.image_check import create_challenge, use_scheduler, verify_images
     from seal_diffusion.keyfile import SealKey
     from seal_diffusion.verify import sign_flip_neg_log10_p

@@ -12,12 +12,16 @@ randomness comes from ``seed``.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
+from .base_model import load_pipeline
+from .checkpoint import save_single_file
 from .errors import UserError
-from .lora_file import LoraFile, read_lora
+from .lora_file import LoraFile, kohya_stem, read_lora
 
 Entries = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -147,8 +151,6 @@ def merge_lora(lora: LoraFile, other: LoraFile, weight: float = 1.0, self_weight
     """self_weight·ΔW + weight·ΔW_other as one LoRA (ranks concatenated; ``rank`` re-factors by SVD to that rank)."""
     if other.layout != lora.layout:
         # align the other file's key names with ours through module paths
-        from .lora_file import kohya_stem
-
         if lora.layout == "kohya":
             other_entries = {kohya_stem(m): f for m, f in other.entries.items()}
         else:
@@ -187,12 +189,6 @@ def merge_into_checkpoint(lora_path: str | os.PathLike, base: str, out: str | os
                           config=None, overwrite: bool = False) -> Path:
     """Bake the LoRA into the base model's UNet (W + w·ΔW) and save the model: ``*.safetensors`` → one LDM
     single-file checkpoint (A1111/ComfyUI style), anything else → a diffusers folder."""
-    import shutil
-    import tempfile
-
-    from .base_model import load_pipeline
-    from .lora_file import read_lora
-
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"{out}: already exists; refusing to overwrite it (pass --force)")
@@ -206,8 +202,6 @@ def merge_into_checkpoint(lora_path: str | os.PathLike, base: str, out: str | os
             layer = pipe.unet.get_submodule(name)
             layer.weight += (weight * (u.double() @ d.double())).to(layer.weight.dtype)
     if out.suffix.lower() == ".safetensors":
-        from .checkpoint import save_single_file
-
         return save_single_file(pipe, out, overwrite=overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
     try:

@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .fileio import safe_open_keys
+from .tiny import tiny_model_dir
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -89,8 +91,6 @@ def config_from_base(base: str | os.PathLike | None) -> str | None:
     if base is None:
         return None
     if str(base) in TINY_NAMES:
-        from .tiny import tiny_model_dir
-
         return str(tiny_model_dir(xl=str(base) == "tiny-xl"))
     path = Path(base).expanduser()
     return str(path) if (path / "model_index.json").is_file() else None
@@ -123,8 +123,6 @@ def load_pipeline(
         kwargs["torch_dtype"] = torch_dtype
     try:
         if src.kind == "tiny":
-            from .tiny import tiny_model_dir
-
             pipe = pipeline_cls.from_pretrained(tiny_model_dir(xl=src.location == "tiny-xl"), local_files_only=True,
                                                 **kwargs)
         elif src.kind == "folder":
@@ -162,7 +160,7 @@ def pipeline_class(src: BaseSource, *, config: str | os.PathLike | None = None):
     without config by its tensor names (SDXL checkpoints carry ``conditioner.embedders``); a hub id by the
     ``model_index.json`` in the local HF cache when there is one, else SD 1.x.
     """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline  # lazy: diffusers takes ~5 s to import
 
     def from_index(folder) -> bool | None:
         index = Path(folder) / "model_index.json"
@@ -182,12 +180,10 @@ def pipeline_class(src: BaseSource, *, config: str | os.PathLike | None = None):
     elif src.kind == "single_file":
         xl = from_index(config) if config is not None else None
         if xl is None and src.location.lower().endswith(".safetensors"):
-            from .fileio import safe_open_keys
-
             xl = any(k.startswith("conditioner.embedders.") for k in safe_open_keys(Path(src.location)))
     elif src.kind == "hub":
         try:
-            from huggingface_hub import try_to_load_from_cache
+            from huggingface_hub import try_to_load_from_cache  # lazy: only this cache probe needs it
 
             cached = try_to_load_from_cache(src.location, "model_index.json")
             xl = from_index(Path(cached).parent) if isinstance(cached, str) else None

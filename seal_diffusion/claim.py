@@ -22,9 +22,15 @@ from pathlib import Path
 
 import torch
 
+from .base_model import load_pipeline
 from .errors import UserError
+from .evaluation import heldout_batch, heldout_denoising_loss, training_noise_scheduler
 from .keyfile import ModuleKey, SealKey
+from .metrics import mean_std, psnr, ssim
 from .passport import make_passports, pair_problem
+from .network import network_from_key
+from .render import default_size, generate
+from .verify import load_suspect, passport_std, verify
 
 DEFAULT_MAX_GAP = 0.25
 DEFAULT_MIN_SSIM = 0.8
@@ -56,14 +62,9 @@ class ClaimReport:
 def fidelity_measurements(key: SealKey, base, data: str | os.PathLike, prompt: str, *, seeds=(0, 1, 2, 3),
                           steps: int = 10, config=None) -> dict:
     """Held-out denoising loss for C, C_p, ∅ and the base, and SSIM/PSNR of C_p vs C images from fixed seeds."""
-    from .base_model import load_pipeline
-    from .compare import default_size, generate, seal_network_for
-    from .metrics import mean_std, psnr, ssim
-    from .evaluation import heldout_batch, heldout_denoising_loss
-
     pipe = base if not isinstance(base, (str, os.PathLike)) else load_pipeline(base, config=config)
     latents, ehs = heldout_batch(pipe, data, prompt)
-    net = seal_network_for(pipe, key)
+    net = network_from_key(key, pipe)
     try:
         losses = {m: heldout_denoising_loss(pipe.unet, net, latents, ehs, m) for m in ("C", "C_p", "identity", "off")}
         size = default_size(pipe)
@@ -99,8 +100,6 @@ def check_claim(
     config=None,
 ) -> ClaimReport:
     """Check an ownership claim against a suspect LoRA (see the module docstring). ``data``: subject images."""
-    from .verify import load_suspect, verify
-
     key = key if isinstance(key, SealKey) else SealKey.load(key)
     checks: list[ClaimCheck] = []
     problems = [(n, pair_problem(mk.passport, mk.passport_p)) for n, mk in key.modules.items()]
@@ -147,8 +146,6 @@ def forge_passport_p(key: SealKey, mode: str = "gamma", gamma: float = 0.5, seed
     * ``random``: a fresh random passport; ``identity``: σ·I (the trivial hole);
     * ``optimised``: C_p learned by gradient descent on the subject's denoising loss with B, A and C fixed.
     """
-    from .verify import passport_std
-
     sigma = passport_std(key)
     names = list(key.modules)
     fresh = {n: p[1] for n, p in make_passports(names, key.rank, f"forgery {seed}", std=sigma).items()}
@@ -168,15 +165,11 @@ def forge_passport_p(key: SealKey, mode: str = "gamma", gamma: float = 0.5, seed
 
 
 def _optimise_passport_p(key, init, base, data, prompt, steps, seed):
-    from .base_model import load_pipeline
-    from .compare import seal_network_for
-    from .evaluation import heldout_batch, training_noise_scheduler
-
     if data is None:
         raise UserError("ambiguity --mode optimised needs --data (subject images)")
     pipe = load_pipeline(base or key.base_model)
     latents, ehs = heldout_batch(pipe, data, prompt)
-    net = seal_network_for(pipe, key)
+    net = network_from_key(key, pipe)
     scheduler = training_noise_scheduler(pipe)
     params = {}
     try:

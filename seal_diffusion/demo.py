@@ -18,7 +18,16 @@ import os
 import time
 from pathlib import Path
 
+from . import attacks
+from .compare import compare
 from .errors import UserError
+from .evaluation import heldout_batch, heldout_denoising_loss
+from .fileio import write_text_atomic
+from .keyfile import SealKey
+from .lora_file import read_lora
+from .plots import plot_spectra
+from .subject import write_subject
+from .verify import Suspect, verify, verify_path
 
 DEMO_STEPS = 60
 DEMO_RANK = 4
@@ -37,7 +46,7 @@ PAIR_LABELS = {  # the summary's words for compare's pairs (compare.md keeps the
 
 
 def _train(out: Path, subject: Path, method: str, seed: int, steps: int, rank: int):
-    from .training import parse_args, train
+    from .training import parse_args, train  # lazy: training imports accelerate and diffusers (~5 s)
 
     argv = ["--pretrained_model_name_or_path", "tiny", "--instance_data_dir", str(subject),
             "--instance_prompt", "a photo of sks cat", "--output_dir", str(out), "--output_name", "cat",
@@ -53,16 +62,6 @@ def run_demo(out_dir: str | os.PathLike = "demo-out", *, steps: int = DEMO_STEPS
              compare_steps: int = 10, compare_seeds: tuple[int, ...] = DEMO_SEEDS,
              heldout_timesteps: int = HELDOUT_TIMESTEPS, progress=print) -> dict:
     """Run the demo into ``out_dir``; returns the numbers of the summary."""
-    from . import attacks
-    from .compare import compare
-    from .fileio import write_text_atomic
-    from .keyfile import SealKey
-    from .lora_file import read_lora
-    from .plots import plot_spectra
-    from .subject import write_subject
-    from .evaluation import heldout_batch, heldout_denoising_loss
-    from .verify import Suspect, verify, verify_path
-
     say = progress or (lambda *_: None)
     t0 = time.time()
     out = Path(out_dir)

@@ -28,12 +28,17 @@ another hash, an untrusted or expired certificate, a corrupt reply).
 
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .base_model import load_pipeline
 from .errors import UserError
+from .genuine import check_genuine_pair
+from .keyfile import SealKey
+from .passport import pair_problem
+from .timestamp import check_reply
+from .verify import load_suspect, verify
 
 R1_TOL = 1e-3
 
@@ -127,18 +132,11 @@ VALIDITY = ("passports", "R1 reproduction", "R2 genuine pair", "commitment")
 def check_one(claim: ClaimInput, suspect, *, others: list[ClaimInput], base, data, prompt, ca, config=None,
               pipe=None) -> ClaimResult:
     """All checks of one claim (see the module docstring)."""
-    from .genuine import check_genuine_pair
-    from .keyfile import SealKey
-    from .passport import pair_problem
-    from .verify import load_suspect, verify
-
     key = SealKey.load(claim.key)
     commitment = key.commitment()
     # the timestamp first: a reply that does not check is bad input (exit 2), found before the slow checks
     stamp_time = None
     if claim.timestamp is not None:
-        from .timestamp import check_reply
-
         if ca is None:
             raise UserError(f"--timestamp {claim.timestamp}: pass --ca CAFILE (the timestamp authority's CA "
                             "certificate) to check it")
@@ -211,9 +209,6 @@ def dispute(suspect: str | os.PathLike, claims: list[ClaimInput], *, base: str |
                 raise UserError(f"{what} {p}: not found")
     for c in claims:  # every timestamp before any slow check: one that does not check is bad input (exit 2)
         if c.timestamp is not None:
-            from .keyfile import SealKey
-            from .timestamp import check_reply
-
             if ca is None:
                 raise UserError(f"--timestamp {c.timestamp}: pass --ca CAFILE (the timestamp authority's CA "
                                 "certificate) to check it")
@@ -221,66 +216,8 @@ def dispute(suspect: str | os.PathLike, claims: list[ClaimInput], *, base: str |
     if data is not None and not Path(data).is_dir():
         raise UserError(f"--data {data}: not a folder of subject images")
     if pipe is None and data is not None:
-        from .base_model import load_pipeline
-        from .keyfile import SealKey
-
         pipe = load_pipeline(base or SealKey.load(claims[0].key).base_model, config=config)
     results = [check_one(c, suspect, others=claims, base=base, data=data, prompt=prompt, ca=ca, config=config,
                          pipe=pipe) for c in claims]
     winner, reason = decide(results)
     return DisputeReport(str(suspect), winner, reason, results)
-
-
-# -- command line ------------------------------------------------------------------------------------------------------
-class _ClaimAction(argparse.Action):
-    """``--claim KEY`` starts a claim; ``--timestamp``, ``--commitment`` and ``--file`` attach to the last one."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        claims = getattr(namespace, "claims", None) or []
-        if option_string == "--claim":
-            claims.append(ClaimInput(values))
-        else:
-            if not claims:
-                parser.error(f"{option_string} must follow the --claim it belongs to")
-            field_name = option_string.lstrip("-")
-            if getattr(claims[-1], field_name) is not None:
-                parser.error(f"{option_string} given twice for --claim {claims[-1].key}")
-            setattr(claims[-1], field_name, values)
-        namespace.claims = claims
-
-
-def add_dispute_command(sub) -> None:
-    p = sub.add_parser(
-        "dispute", help="who owns SUSPECT: R1, R2, commitment and timestamps per claim; names the earliest valid "
-        "claim (exit 0 winner, 1 cannot decide, 2 error)",
-        description="Check ownership claims on a suspect LoRA and name the earliest valid one. Each --claim KEY may "
-        "be followed by its own --timestamp TSR, --commitment HEX (the value the claimant published) and --file LORA "
-        "(the file the claimant published; verified with every other key). See docs/dispute.md.")
-    p.add_argument("suspect", help="the disputed LoRA file or folder")
-    p.add_argument("--claim", action=_ClaimAction, required=True, metavar="KEY", help="a claimant's .sealkey (repeat)")
-    p.add_argument("--timestamp", action=_ClaimAction, metavar="TSR", help="RFC 3161 reply for the previous claim")
-    p.add_argument("--commitment", action=_ClaimAction, metavar="HEX", help="commitment published for the previous "
-                   "claim")
-    p.add_argument("--file", action=_ClaimAction, metavar="LORA", help="LoRA published by the previous claimant")
-    p.add_argument("--ca", help="CA certificate(s) of the timestamp authorities, PEM (needed with --timestamp)")
-    p.add_argument("--base", help="base model (default: the first key's)")
-    p.add_argument("--config", help="local diffusers config folder for a single-file base")
-    p.add_argument("--data", help="folder of the subject's images (R2 needs it)")
-    p.add_argument("--prompt", default="a photo of sks cat", help="the subject's prompt (default: 'a photo of sks "
-                   "cat')")
-    p.add_argument("--json", help="write the report as JSON here")
-    p.add_argument("--out", help="write the Markdown report here")
-    p.set_defaults(func=run_dispute_command, claims=None)
-
-
-def run_dispute_command(args) -> int:
-    from .fileio import write_json_atomic, write_text_atomic
-
-    report = dispute(args.suspect, args.claims, base=args.base, data=args.data, prompt=args.prompt, ca=args.ca,
-                     config=args.config)
-    print(report.summary())
-    if args.json:
-        write_json_atomic(args.json, report.to_json())
-    if args.out:
-        write_text_atomic(args.out, report.markdown())
-    return report.exit_code

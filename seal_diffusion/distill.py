@@ -19,9 +19,14 @@ from pathlib import Path
 
 import torch
 
+from .base_model import load_pipeline
 from .conditioning import Conditioning, encode_text
-
 from .errors import UserError
+from .evaluation import training_noise_scheduler
+from .functional import GENERIC_PROMPTS, instance_prompt_near, merge_lora_into
+from .lora_file import write_lora
+from .network import SealNetwork
+from .subject import INSTANCE_PROMPT
 
 SOURCES = ("random", "samples")
 
@@ -36,9 +41,6 @@ class DistillResult:
 
 
 def _prompt_pool(lora_path, prompts: list[str] | None) -> list[str]:
-    from .functional import GENERIC_PROMPTS, instance_prompt_near
-    from .subject import INSTANCE_PROMPT
-
     if prompts:
         return list(prompts)
     p = Path(lora_path)
@@ -67,12 +69,6 @@ def distill_lora(lora_path, out, *, base="tiny", rank: int = 4, steps: int = 400
 
     ``latent_size``: side of the random training latents (default the model's sample size; smaller is cheaper —
     the UNet is convolutional — and is what the tests use)."""
-    from .base_model import load_pipeline
-    from .functional import merge_lora_into
-    from .lora_file import write_lora
-    from .network import SealNetwork
-    from .evaluation import training_noise_scheduler
-
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"{out}: already exists; refusing to overwrite it (pass --overwrite)")
@@ -148,10 +144,6 @@ def fidelity_kept(unet, teacher, net, hidden, shape, n: int, seed: int, schedule
 
 def fidelity_of(lora_copy, lora_release, base="tiny", n: int = 32, seed: int = 7, pipe=None, config=None) -> float:
     """Fidelity kept of any LoRA file ``lora_copy`` w.r.t. ``lora_release`` (same formula, random inputs)."""
-    from .base_model import load_pipeline
-    from .functional import GENERIC_PROMPTS, merge_lora_into
-    from .subject import INSTANCE_PROMPT
-
     pipe = pipe or load_pipeline(base, config=config)
     unet = pipe.unet
     rel, cp = copy.deepcopy(unet), copy.deepcopy(unet)

@@ -14,7 +14,6 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
 
 from .conditioning import Conditioning, encode_text
 from .errors import UserError
@@ -32,6 +31,8 @@ def default_resolution(pipe) -> int:
 
 def training_noise_scheduler(pipe):
     """The DDPM scheduler the base model was trained with (the noise schedule of training and held-out loss)."""
+    from diffusers import DDPMScheduler  # lazy: diffusers takes ~5 s to import; the CLI imports this module at start
+
     return DDPMScheduler.from_config(pipe.scheduler.config)
 
 
@@ -83,6 +84,8 @@ def heldout_denoising_loss(
     prompt's :class:`~seal_diffusion.conditioning.Conditioning` (a bare hidden-states tensor is accepted for SD 1.x).
     """
     if noise_scheduler is None:
+        from diffusers import DDPMScheduler  # lazy, as in training_noise_scheduler
+
         noise_scheduler = DDPMScheduler(**{k: SD15_SCHEDULER[k] for k in
                                            ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps")})
     if network is None and mode != "off":

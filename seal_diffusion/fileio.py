@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
@@ -99,6 +101,20 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, overwrite: bool 
 
 def write_text_atomic(path: str | os.PathLike, text: str, *, overwrite: bool = True) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"), overwrite=overwrite)
+
+
+def json_safe(obj, nan=None):
+    """``obj`` with inf → "inf"/"-inf", NaN → ``nan`` and numpy scalars → Python ones, so that it dumps as strict
+    JSON (robustness writes NaN as null, compare and the σ sweep as "nan")."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return nan if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: json_safe(v, nan) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v, nan) for v in obj]
+    if isinstance(obj, (np.floating, np.integer, np.bool_)):
+        return json_safe(obj.item(), nan)
+    return obj
 
 
 def write_json_atomic(path: str | os.PathLike, obj, *, overwrite: bool = True) -> Path:

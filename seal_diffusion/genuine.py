@@ -46,7 +46,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .base_model import load_pipeline
+from .evaluation import denoising_target as _target
+from .evaluation import heldout_batch
 from .keyfile import SealKey
+from .network import network_from_key
+from .tiny import SD15_SCHEDULER
 
 MIN_DIFFERENCE = 0.5
 MIN_SPREAD = 0.4
@@ -112,13 +117,7 @@ def function_measures(key: SealKey, base, data: str | os.PathLike, prompt: str, 
     Same inputs for every variant (fixed noise and timesteps, evenly spaced over the schedule), so differences are the
     passports' doing. ``base``: a pipeline or a model spec (``tiny``, a folder, …).
     """
-    from diffusers import DDPMScheduler
-
-    from .base_model import load_pipeline
-    from .compare import seal_network_for
-    from .tiny import SD15_SCHEDULER
-    from .evaluation import denoising_target as _target
-    from .evaluation import heldout_batch
+    from diffusers import DDPMScheduler  # lazy: diffusers takes ~5 s to import
 
     pipe = base if not isinstance(base, (str, os.PathLike)) else load_pipeline(base, config=config)
     latents, ehs = heldout_batch(pipe, data, prompt)
@@ -138,7 +137,7 @@ def function_measures(key: SealKey, base, data: str | os.PathLike, prompt: str, 
     unet = pipe.unet
     was_training = unet.training
     unet.eval()
-    net = seal_network_for(pipe, key)
+    net = network_from_key(key, pipe)
     preds: dict[str, list[torch.Tensor]] = {}
     try:
         for mode in ("C", "C_p", "off"):

@@ -428,7 +428,7 @@ def create_challenge(key_path: str | os.PathLike, out: str | os.PathLike, *, bas
                      compare_size: int | None = None, pipe=None, progress: Progress | None = None) -> Challenge:
     """Write the challenge JSON to ``out`` and the owner's private reference beside the key: what CLI and app call."""
     from .base_model import resolve_base
-    from .compare import default_size
+    from .render import default_size
 
     key = SealKey.load(key_path)
     prompt = prompt or subject_prompt_from_card(key_path)
@@ -444,50 +444,3 @@ def create_challenge(key_path: str | os.PathLike, out: str | os.PathLike, *, bas
     owner_reference(key_path, key, challenge, pipe, progress)
     challenge.save(out)
     return challenge
-
-
-# -- command line ------------------------------------------------------------------------------------------------------
-def add_image_commands(subparsers) -> None:
-    """Register ``challenge`` and ``verify-images`` (the CLI wires them in)."""
-    p = subparsers.add_parser("challenge", help="write an image challenge (prompts, seeds, sampler) for the check "
-                              "from generated images; renders the owner's private reference beside the key")
-    p.add_argument("--key", required=True, help="the private .sealkey file")
-    p.add_argument("--base", default="tiny", help="base model the LoRA runs on (default tiny)")
-    p.add_argument("--out", required=True, help="the challenge JSON to write (public: give it to the suspect service)")
-    p.add_argument("--prompt", default=None,
-                   help="the subject prompt (default: instance_prompt of the model card beside the key)")
-    p.add_argument("--n", type=int, default=DEFAULT_N, help=f"number of images (default {DEFAULT_N})")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampler steps (default {DEFAULT_STEPS})")
-    p.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE, help="CFG (default 7.5)")
-    p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's native size)")
-    p.add_argument("--compare_size", type=int, default=None, help="side of the comparison grid (default size/2)")
-    p.set_defaults(func=_cmd_challenge)
-
-    p = subparsers.add_parser("verify-images", help="ownership test from images a suspect rendered for a challenge "
-                              "(exit 0 detected, 1 not)")
-    p.add_argument("--key", required=True, help="the private .sealkey file")
-    p.add_argument("--challenge", required=True, help="the challenge JSON the images answer")
-    p.add_argument("images", nargs="+", help="PNG/JPEG/WebP images, in challenge order or named by entry number "
-                   "(img_007.png = entry 7, from 0)")
-    p.add_argument("--base", default=None, help="base model (default: the challenge's base_model)")
-    p.add_argument("--json", default=None, help="write the report as JSON here")
-    p.add_argument("--threshold", type=float, default=3.3, help="detect when -log10 p >= this (default 3.3)")
-    p.set_defaults(func=_cmd_verify_images)
-
-
-def _cmd_challenge(args) -> int:
-    ch = create_challenge(args.key, args.out, base=args.base, prompt=args.prompt, n=args.n, steps=args.steps,
-                          guidance_scale=args.guidance_scale, size=args.size, compare_size=args.compare_size)
-    print(f"wrote {args.out}: {ch.n} prompts/seeds, {ch.scheduler} {ch.steps} steps, CFG {ch.guidance_scale:g}, "
-          f"{ch.width}×{ch.height}; private reference beside the key (0600)")
-    return 0
-
-
-def _cmd_verify_images(args) -> int:
-    from .fileio import write_json_atomic
-
-    report = verify_images(args.key, args.challenge, args.images, base=args.base, threshold=args.threshold)
-    print(report.summary())
-    if args.json:
-        write_json_atomic(args.json, report.to_json())
-    return 0 if report.detected else 1

@@ -19,14 +19,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import re
 import os
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from .base_model import is_sdxl
 from .errors import UserError
 from .fileio import load_safetensors, save_safetensors_atomic
 
@@ -69,7 +70,6 @@ class SealKey:
                             passports[name][1].float().contiguous())
             for name, (a, b) in network.factors().items()
         }
-        from .base_model import is_sdxl
 
         arch = "sdxl_base_v1-0" if is_sdxl(network.unet) else "sd_v1"
         return cls(modules, network.rank, network.alpha, base_model, list(network.all_targets), passport_source,

@@ -35,6 +35,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from .errors import UserError
 
@@ -51,8 +53,6 @@ SSIM_CONVENTION = (
 # -- conversions -----------------------------------------------------------------------------------------------------
 def _one_to_hwc(image) -> np.ndarray:
     """One image (PIL, HWC/HW array, CHW tensor) → float64 HWC array in [0, 1]."""
-    from PIL import Image
-
     if isinstance(image, Image.Image):
         arr = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
     elif isinstance(image, torch.Tensor):
@@ -75,8 +75,6 @@ def to_hwc(images) -> list[np.ndarray]:
 
     uint8 inputs are divided by 255; float inputs are taken to be in [0, 1] already (diffusers ``output_type="np"``).
     """
-    from PIL import Image
-
     if isinstance(images, Image.Image):
         return [_one_to_hwc(images)]
     if isinstance(images, torch.Tensor):
@@ -101,8 +99,6 @@ def to_bchw(images) -> torch.Tensor:
 
 def to_pil(image):
     """One float [0, 1] HWC array / CHW tensor (or a PIL image) → an RGB PIL image (rounded to uint8)."""
-    from PIL import Image
-
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     arr = _one_to_hwc(image)
@@ -123,7 +119,7 @@ def _pair(a, b) -> tuple[torch.Tensor, torch.Tensor]:
 # -- SSIM / PSNR -----------------------------------------------------------------------------------------------------
 def ssim(a, b) -> np.ndarray:
     """Per-image SSIM (torchmetrics, the convention above) of two equally sized batches; returns shape (N,)."""
-    from torchmetrics.functional.image import structural_similarity_index_measure
+    from torchmetrics.functional.image import structural_similarity_index_measure  # lazy: heavy
 
     x, y = _pair(a, b)
     _, full = structural_similarity_index_measure(
@@ -136,7 +132,7 @@ def ssim(a, b) -> np.ndarray:
 
 def psnr(a, b) -> np.ndarray:
     """Per-image PSNR in dB (torchmetrics, data range 1.0); ``inf`` for identical images. Shape (N,)."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio
+    from torchmetrics.functional.image import peak_signal_noise_ratio  # lazy: torchmetrics takes seconds to import
 
     x, y = _pair(a, b)
     return peak_signal_noise_ratio(x, y, data_range=DATA_RANGE, reduction="none", dim=(1, 2, 3)).numpy()
@@ -144,8 +140,6 @@ def psnr(a, b) -> np.ndarray:
 
 def ssim_skimage(a, b) -> np.ndarray:
     """Per-image SSIM with scikit-image under the same convention (the cross-check of :func:`ssim`)."""
-    from skimage.metrics import structural_similarity
-
     xs, ys = to_hwc(a), to_hwc(b)
     return np.array([
         structural_similarity(x, y, gaussian_weights=True, sigma=SSIM_SIGMA, use_sample_covariance=False,
@@ -156,8 +150,6 @@ def ssim_skimage(a, b) -> np.ndarray:
 
 def psnr_skimage(a, b) -> np.ndarray:
     """Per-image PSNR with scikit-image (data range 1.0), the cross-check of :func:`psnr`."""
-    from skimage.metrics import peak_signal_noise_ratio
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # divide by zero for identical images → inf, as torchmetrics
         return np.array([peak_signal_noise_ratio(y, x, data_range=DATA_RANGE)
@@ -200,7 +192,7 @@ def _check_source(source, what: str, option: str, example: str) -> str:
 
 
 def _load(loader, source: str, option: str, what: str):
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # lazy: transformers is slow to import
 
     previous = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
@@ -256,7 +248,7 @@ class ClipScorer(_ImageScorer):
 
     @staticmethod
     def _classes():
-        from transformers import CLIPModel, CLIPProcessor
+        from transformers import CLIPModel, CLIPProcessor  # lazy: transformers is slow to import
 
         return CLIPModel, CLIPProcessor
 
@@ -281,7 +273,7 @@ class DinoScorer(_ImageScorer):
 
     @staticmethod
     def _classes():
-        from transformers import AutoImageProcessor, AutoModel
+        from transformers import AutoImageProcessor, AutoModel  # lazy: transformers is slow to import
 
         return AutoModel, AutoImageProcessor
 
@@ -290,8 +282,6 @@ class DinoScorer(_ImageScorer):
 
 
 def _as_list(images) -> list:
-    from PIL import Image
-
     if isinstance(images, (Image.Image,)) or (isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 3):
         return [images]
     return list(images)
@@ -332,8 +322,6 @@ def dino(scorer: "DinoScorer | str | os.PathLike", generated, real) -> float:
 
 def load_images(folder: str | os.PathLike) -> list:
     """All images of a folder (png, jpg, jpeg, webp, bmp), sorted by name, as RGB PIL images."""
-    from PIL import Image, UnidentifiedImageError
-
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: image folder not found")

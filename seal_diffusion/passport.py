@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageSequence, UnidentifiedImageError
 
 from .errors import UserError
 
@@ -184,8 +185,6 @@ def release_swap(c: torch.Tensor, c_p: torch.Tensor) -> bool:
 
 def load_passport_frames(path: str | os.PathLike, rank: int, std: float = 1.0) -> list[torch.Tensor]:
     """The r×r passports an image gives: grayscale, centre crop, resize, x/127.5 − 1, times ``std``; one per frame."""
-    from PIL import Image, ImageSequence, UnidentifiedImageError
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: passport image not found")

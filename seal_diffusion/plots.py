@@ -1,6 +1,7 @@
 """Figures: singular-value spectra of ΔW (SEAL paper Fig. 2/6), recovered passports (Fig. 8), the σ sweep (Table 16).
 
-All plots use matplotlib's Agg backend (no display needed) and write a PNG.
+All plots use matplotlib's Agg backend (no display needed) and write a PNG. Also the five plots of the robustness
+report (attacks, pruning — Fig. 3, fine-tuning, γ — Fig. 4, innocents).
 
 **Spectra without ΔW.** A LoRA stores ΔW = U·D with U (out×r) and D (r×in). Its non-zero singular values are those of a
 tiny r×r matrix: with QR decompositions U = Q_U R_U and Dᵀ = Q_D R_D, ΔW = Q_U (R_U R_Dᵀ) Q_Dᵀ and Q_U, Q_D have
@@ -17,11 +18,14 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from .claim import DEFAULT_MAX_GAP, DEFAULT_MIN_SSIM
+from .passport import correlation
+
 Factors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # {module: (down r×in, up out×r)}, ΔW = up @ down
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # lazy: matplotlib costs ~1 s to import and only the plotting paths need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -62,7 +66,7 @@ def plot_spectra(loras: Mapping[str, Factors], path: str | os.PathLike, *, title
             padded[i, : len(v)] = v
         ax.plot(np.arange(1, r + 1), np.nanmedian(padded, axis=0), color=color, linewidth=2.2,
                 label=f"{label} (median of {len(values)} modules)")
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # lazy, as in _pyplot
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("index i (singular values in decreasing order)")
@@ -88,8 +92,6 @@ def plot_passports(
     :func:`seal_diffusion.verify.recover_passports`. Each row is one module, drawn with one colour scale (that of C);
     each recovered panel is titled with its correlation with C and with C_p.
     """
-    from .passport import correlation
-
     plt = _pyplot()
     modules = list(modules) if modules else list(key.modules)[:n_modules]
     cols = ["C (secret)", "C_p (second passport)"] + [f"recovered: {label}" for label in recovered]
@@ -148,8 +150,131 @@ def plot_sigma_sweep(rows: Sequence[Mapping], path: str | os.PathLike) -> Path:
     return _save(fig, path)
 
 
+# -- the robustness report (seal-diffusion robustness) ------------------------------------------------------------------
+def _threshold_line(ax, thr: float) -> None:
+    ax.axhline(thr, color="crimson", linestyle="--", linewidth=1, label=f"threshold {thr}")
+
+
+def plot_attacks(r: dict, path) -> Path:
+    """−log10 p per attack (horizontal bars) with the detection threshold."""
+    plt = _pyplot()
+    rows = r["attacks"]
+    fig, ax = plt.subplots(figsize=(7.5, 0.22 * len(rows) + 1.4), dpi=110)
+    y = np.arange(len(rows))
+    colors = ["tab:green" if a["detected"] else "tab:red" for a in rows]
+    ax.barh(y, [a["neg_log10_p"] for a in rows], color=colors)
+    ax.set_yticks(y, [a["attack"] for a in rows], fontsize=6)
+    ax.invert_yaxis()
+    ax.axvline(r["meta"]["threshold"], color="crimson", linestyle="--", linewidth=1)
+    ax.set_xlabel("−log10 p (green: detected)")
+    ax.set_title("Watermark evidence after each attack", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_pruning(r: dict, path) -> Path:
+    """−log10 p and retained fidelity vs pruning ratio, factors and ΔW (paper Fig. 3)."""
+    plt = _pyplot()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
+    for on, marker in (("factors", "o"), ("delta", "s")):
+        pts = sorted((p for p in r["pruning"] if p["on"] == on), key=lambda p: p["ratio"])
+        x = np.arange(len(pts))
+        a1.plot(x, [p["neg_log10_p"] for p in pts], marker=marker, label=f"prune {on}")
+        a2.plot(x, [p.get("retained", np.nan) for p in pts], marker=marker, label=f"prune {on}")
+        for ax in (a1, a2):
+            ax.set_xticks(x, [f"{p['ratio']:g}" for p in pts])
+    _threshold_line(a1, r["meta"]["threshold"])
+    a1.set_ylabel("−log10 p")
+    a2.set_ylabel("retained improvement over base")
+    a2.axhline(1, color="gray", linewidth=0.8)
+    a2.axhline(0, color="gray", linewidth=0.8)
+    for ax in (a1, a2):
+        ax.set_xlabel("pruning ratio")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Pruning: evidence and fidelity (SEAL Fig. 3)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_finetune(r: dict, path) -> Path:
+    """−log10 p (default and weighted) vs fine-tune steps; per-module relative change vs per-module d_m."""
+    plt = _pyplot()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9.5, 3.8), dpi=120)
+    for ft in r["finetune"]:
+        steps = [p["steps"] for p in ft["points"]]
+        for stat, style, label in (("neg_log10_p", "-o", "contrast"), ("weighted_pair", "--s", "weighted pair"),
+                                   ("weighted_subspace", ":^", "weighted subspace")):
+            a1.plot(steps, [p[stat] for p in ft["points"]], style, label=f"{label}, lr {ft['lr']:g}")
+        for p in ft["points"]:
+            if p["steps"] and p.get("per_module"):
+                a2.scatter([q["rel_change"] for q in p["per_module"]], [q["stat"] for q in p["per_module"]], s=8,
+                           label=f"{p['steps']} steps, lr {ft['lr']:g}")
+    _threshold_line(a1, r["meta"]["threshold"])
+    a1.set_xlabel("fine-tune steps")
+    a1.set_ylabel("−log10 p")
+    a1.legend(fontsize=6)
+    a1.grid(alpha=0.3)
+    a2.axhline(0, color="gray", linewidth=0.8)
+    a2.set_xlabel("per-module ‖ΔW_ft − ΔW‖ / ‖ΔW‖")
+    a2.set_ylabel("per-module contrast d_m")
+    if a2.collections:
+        a2.set_xscale("log")
+        a2.legend(fontsize=6)
+    a2.grid(alpha=0.3)
+    fig.suptitle("Fine-tuning: pooled evidence, and which layers are busy", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_gamma(r: dict, path) -> Path:
+    """Fidelity gap and SSIM of C vs forged C_p against γ, with the claim thresholds (paper Fig. 4)."""
+    plt = _pyplot()
+    rows = sorted(r["gamma"], key=lambda g: g["gamma"])
+    gam = [g["gamma"] for g in rows]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
+    a1.plot(gam, [g["loss_gap"] for g in rows], marker="o")
+    a1.axhline(DEFAULT_MAX_GAP, color="crimson", linestyle="--", linewidth=1, label=f"max gap {DEFAULT_MAX_GAP}")
+    a1.set_ylabel("loss gap (share of C's improvement lost)")
+    a2.plot(gam, [g["ssim_C_Cp"] for g in rows], marker="o")
+    a2.axhline(DEFAULT_MIN_SSIM, color="crimson", linestyle="--", linewidth=1, label=f"min SSIM {DEFAULT_MIN_SSIM}")
+    a2.set_ylabel("SSIM, C vs forged C_p images")
+    for ax in (a1, a2):
+        for g in rows:
+            ok = g["checks"]["R2 fidelity"]
+            ax.axvspan(g["gamma"] - 0.02, g["gamma"] + 0.02, color="tab:green" if ok else "tab:red", alpha=0.15,
+                       linewidth=0)
+        ax.set_xlabel("γ (share of the forgery in C_p)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Ambiguity attack: forged second passports (green: fidelity check R2 passed)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_innocents(r: dict, path) -> Path:
+    """Histogram of −log10 p over the innocents, by kind, with the threshold."""
+    plt = _pyplot()
+    inn = r["innocents"]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+    top = max([r["meta"]["threshold"] + 0.5] + [k["max_neg_log10_p"] for k in inn["by_kind"].values()])
+    bins = np.linspace(0, top, 30)
+    for kind, k in inn["by_kind"].items():
+        ax.hist(k["values"], bins=bins, alpha=0.6, label=f"{kind} (n={k['n']})")
+    ax.axvline(r["meta"]["threshold"], color="crimson", linestyle="--", linewidth=1, label="threshold")
+    ax.set_xlabel("−log10 p")
+    ax.set_ylabel("count")
+    ax.set_title(f"Innocents: {inn['neg_log10_p']['false_positives']} of {inn['n']} detected", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+
 def _save(fig, path) -> Path:
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from PIL import Image
+from skimage import data as skimage_data
 
 SUBJECT_TOKEN = "sks"
 SUBJECT_CLASS = "cat"
@@ -23,9 +24,7 @@ _CROPS = ((60, 0, 300), (90, 10, 280), (40, 20, 260), (110, 30, 240))
 
 def subject_images(size: int = 64) -> list[Image.Image]:
     """Eight RGB ``size``×``size`` images of the cat: four crops and their mirror images."""
-    from skimage import data
-
-    photo = Image.fromarray(data.chelsea()).convert("RGB")
+    photo = Image.fromarray(skimage_data.chelsea()).convert("RGB")
     out = []
     for left, top, side in _CROPS:
         crop = photo.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)

@@ -47,7 +47,14 @@ from dataclasses import dataclass
 from datetime import timezone
 from pathlib import Path
 
+from cryptography import x509
+from rfc3161_client import (HashAlgorithm, PKIStatus, TimestampRequestBuilder, VerificationError, VerifierBuilder,
+                            decode_timestamp_response)
+from rfc3161_client._rust import parse_timestamp_request
+
 from .errors import UserError
+from .fileio import write_bytes_atomic
+from .keyfile import SealKey
 
 TSQ_SUFFIX = ".tsq"
 TSR_SUFFIX = ".tsr"
@@ -86,8 +93,6 @@ def _commitment_bytes(commitment: str, what: str = "commitment") -> bytes:
 
 def make_request(commitment: str) -> bytes:
     """DER of a timestamp request for ``commitment`` (SHA-256 imprint, random nonce, TSA certificate requested)."""
-    from rfc3161_client import HashAlgorithm, TimestampRequestBuilder
-
     req = (TimestampRequestBuilder().data(_commitment_bytes(commitment)).hash_algorithm(HashAlgorithm.SHA256)
            .nonce(nonce=True).cert_request(cert_request=True).build())
     return req.as_bytes()
@@ -95,9 +100,6 @@ def make_request(commitment: str) -> bytes:
 
 def write_request(key_path: str | os.PathLike, commitment: str | None = None) -> tuple[Path, bytes]:
     """Write ``NAME.tsq`` beside the key (atomically); returns its path and bytes. The key is only read."""
-    from .fileio import write_bytes_atomic
-    from .keyfile import SealKey
-
     commitment = commitment or SealKey.load(key_path).commitment()
     der = make_request(commitment)
     path = request_path(key_path)
@@ -123,8 +125,6 @@ def fetch_reply(request_der: bytes, url: str, timeout: float = 30.0) -> bytes:
 
 def load_ca(ca_file: str | os.PathLike):
     """Trusted certificates (PEM, one or more; or one DER) from ``ca_file``."""
-    from cryptography import x509
-
     path = Path(ca_file)
     try:
         data = path.read_bytes()
@@ -143,8 +143,6 @@ def load_ca(ca_file: str | os.PathLike):
 def check_reply(reply: bytes | str | os.PathLike, commitment: str, ca_file: str | os.PathLike,
                 nonce: int | None = None) -> Stamp:
     """Check a timestamp reply for ``commitment`` against the CA file (see the module docstring); a :class:`Stamp`."""
-    from rfc3161_client import PKIStatus, VerificationError, VerifierBuilder, decode_timestamp_response
-
     label = "reply" if isinstance(reply, bytes) else str(reply)
     if not isinstance(reply, bytes):
         try:
@@ -185,8 +183,6 @@ def check_reply(reply: bytes | str | os.PathLike, commitment: str, ca_file: str 
 
 
 def _signer(resp) -> str:
-    from cryptography import x509
-
     try:
         si = next(iter(resp.signed_data.signer_infos))
         for der in resp.signed_data.certificates:
@@ -202,9 +198,6 @@ def stamp_key(key_path: str | os.PathLike, tsa: str | None = None, ca_file: str 
               reply: str | os.PathLike | None = None, timeout: float = 30.0) -> dict:
     """The ``timestamp`` command: write ``NAME.tsq``; with ``tsa`` fetch the reply, check it (with ``ca_file``) and
     write ``NAME.tsr``; with ``reply`` check an existing reply instead. Returns what happened (paths, Stamp)."""
-    from .fileio import write_bytes_atomic
-    from .keyfile import SealKey
-
     commitment = SealKey.load(key_path).commitment()
     out: dict = {"commitment": commitment, "request": None, "reply": None, "stamp": None}
     if reply is not None:
@@ -217,7 +210,6 @@ def stamp_key(key_path: str | os.PathLike, tsa: str | None = None, ca_file: str 
     out["request"] = str(path)
     if tsa is None:
         return out
-    from rfc3161_client._rust import parse_timestamp_request
 
     answer = fetch_reply(der, tsa, timeout)
     nonce = parse_timestamp_request(der).nonce
@@ -231,8 +223,6 @@ def stamp_key(key_path: str | os.PathLike, tsa: str | None = None, ca_file: str 
 
 def _check_untrusted(answer: bytes, commitment: str, tsa: str) -> None:
     """Without a CA file: at least a granted reply for this commitment (its signature is not trusted yet)."""
-    from rfc3161_client import PKIStatus, decode_timestamp_response
-
     try:
         resp = decode_timestamp_response(answer)
         status, imprint = resp.status, resp.tst_info.message_imprint.message

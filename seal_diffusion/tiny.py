@@ -142,7 +142,7 @@ def _byte_symbols() -> list[str]:
 
 def tiny_tokenizer():
     """An offline byte-level CLIP tokenizer (256 byte symbols, each also with ``</w>``, plus the two specials)."""
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer  # lazy: transformers is slow to import
 
     symbols = _byte_symbols()
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
@@ -155,8 +155,8 @@ def tiny_tokenizer():
 
 def build_tiny_components(seed: int = TINY_SEED) -> dict:
     """Build the tiny pipeline's components from configs with seeded random weights (same bytes on every machine)."""
-    from diffusers import PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from diffusers import PNDMScheduler, UNet2DConditionModel  # lazy: diffusers takes ~5 s to import
+    from transformers import CLIPTextModel  # lazy: transformers is slow to import
 
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
@@ -170,7 +170,7 @@ def build_tiny_components(seed: int = TINY_SEED) -> dict:
 
 
 def _tiny_vae(**extra):
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # lazy: diffusers takes ~5 s to import
 
     return AutoencoderKL(
         in_channels=3,
@@ -187,7 +187,7 @@ def _tiny_vae(**extra):
 
 
 def _tiny_text_config(tokenizer, **extra):
-    from transformers import CLIPTextConfig
+    from transformers import CLIPTextConfig  # lazy: transformers is slow to import
 
     return CLIPTextConfig(
         vocab_size=1000,
@@ -206,8 +206,8 @@ def _tiny_text_config(tokenizer, **extra):
 
 def build_tiny_xl_components(seed: int = TINY_SEED) -> dict:
     """The tiny-xl pipeline's components (SDXL layout, tiny widths, seeded weights; same bytes on every machine)."""
-    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel  # lazy: diffusers takes ~5 s to import
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection  # lazy: transformers is slow to import
 
     tokenizer, tokenizer_2 = tiny_tokenizer(), tiny_tokenizer()
     torch.manual_seed(seed + 10)
@@ -225,14 +225,14 @@ def build_tiny_xl_components(seed: int = TINY_SEED) -> dict:
 
 def build_tiny_xl_pipeline(seed: int = TINY_SEED):
     """A fresh tiny ``StableDiffusionXLPipeline`` (not cached; no invisible-watermark post-processing)."""
-    from diffusers import StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLPipeline  # lazy: diffusers takes ~5 s to import
 
     return StableDiffusionXLPipeline(**build_tiny_xl_components(seed), add_watermarker=False)
 
 
 def build_tiny_pipeline(seed: int = TINY_SEED):
     """A fresh tiny ``StableDiffusionPipeline`` (not cached)."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline  # lazy: diffusers takes ~5 s to import
 
     return StableDiffusionPipeline(
         **build_tiny_components(seed), safety_checker=None, feature_extractor=None, requires_safety_checker=False
@@ -274,7 +274,7 @@ def tiny_model_dir(xl: bool = False) -> Path:
 
 def build_added_kv_unet(seed: int = TINY_SEED):
     """A tiny UNet whose Attention modules have ``add_k_proj``/``add_v_proj`` (SimpleCrossAttn blocks)."""
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # lazy: diffusers takes ~5 s to import
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(**TINY_ADDED_KV_UNET_CONFIG)
@@ -282,7 +282,7 @@ def build_added_kv_unet(seed: int = TINY_SEED):
 
 def build_sd15_unet(device: str | torch.device = "meta", dtype: torch.dtype = torch.float32):
     """The real SD 1.5 UNet architecture with random weights; on ``meta`` (default) only names and shapes exist."""
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # lazy: diffusers takes ~5 s to import
 
     with torch.device(device):
         unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
@@ -291,7 +291,7 @@ def build_sd15_unet(device: str | torch.device = "meta", dtype: torch.dtype = to
 
 def build_sdxl_unet(device: str | torch.device = "meta", dtype: torch.dtype = torch.float32):
     """The real SDXL base UNet architecture with random weights; on ``meta`` (default) only names and shapes exist."""
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # lazy: diffusers takes ~5 s to import
 
     with torch.device(device):
         unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)

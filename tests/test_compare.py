@@ -8,7 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
+from seal_diffusion.cli import commands_compare as cli
 from seal_diffusion import compare as cmp
+from seal_diffusion import sigma_sweep as sweep
 from seal_diffusion import metrics, plots
 from seal_diffusion.errors import UserError
 from seal_diffusion.export import export_lora, public_factors
@@ -114,8 +116,8 @@ def test_torchmetrics_and_skimage_agree_on_generated_images(compared):
 def _cli(argv):
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
-    cmp.add_compare_command(sub)
-    cmp.add_sigma_sweep_command(sub)
+    cli.add_compare_command(sub)
+    cli.add_sigma_sweep_command(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 
@@ -208,7 +210,7 @@ def test_spectra_and_passport_figures(key_and_pipe, tmp_path):
 
 def test_sigma_sweep_smoke(tmp_path, subject_dir):
     """Two σ, two training steps through the trainer's train(): files, rows, plot (the real sweep is in the docs)."""
-    result = cmp.sigma_sweep(tmp_path, sigmas=[0.1, 10.0], instance_data_dir=subject_dir,
+    result = sweep.sigma_sweep(tmp_path, sigmas=[0.1, 10.0], instance_data_dir=subject_dir,
                              instance_prompt="a photo of sks cat", prompts=[PROMPT], seeds=[0], train_steps=2,
                              rank=RANK, steps=2, guidance_scale=1.0, show_progress=False)
     assert [r["sigma"] for r in result["rows"]] == [0.1, 10.0]

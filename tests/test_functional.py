@@ -189,7 +189,9 @@ def test_app_panel_says_both_tests_in_plain_words(fx):
 
 def test_robustness_distillation_rows(fx, tmp_path):
     """The robustness report's distillation block: fidelity kept and both tests per row (a tiny 5-step copy)."""
-    from seal_diffusion.robustness import _distill_specs, _distillation, _Ticker, plan_for
+    from seal_diffusion.cli.commands_attack import _distill_specs
+    from seal_diffusion.progress import Ticker as _Ticker
+    from seal_diffusion.robustness import _distillation, plan_for
 
     assert plan_for(False).distill and not plan_for(True).distill
     assert _distill_specs(["4:400", "8:100"]) == [(4, 400), (8, 100)]

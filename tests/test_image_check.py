@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from seal_diffusion.compare import generate
+from seal_diffusion.render import generate
 from seal_diffusion.errors import UserError
 from seal_diffusion.image_check import Challenge, create_challenge, reference_path, use_scheduler, verify_images
 from seal_diffusion.verify import sign_flip_neg_log10_p
@@ -101,7 +101,7 @@ def test_innocents_not_accused(setup, subject_dir):
 def test_distilled_copy_detected(setup):
     """A thief's copy: a fresh plain LoRA trained to match the release's noise predictions on random inputs."""
     from seal_diffusion.base_model import load_pipeline
-    from seal_diffusion.compare import seal_network_for
+    from seal_diffusion.network import network_from_key
     from seal_diffusion.fold import fold
     from seal_diffusion.keyfile import SealKey
     from seal_diffusion.lora_file import write_lora
@@ -109,7 +109,7 @@ def test_distilled_copy_detected(setup):
 
     torch.manual_seed(0)
     teacher = setup["pipe"]
-    tnet = seal_network_for(teacher, SealKey.load(setup["key"]))
+    tnet = network_from_key(SealKey.load(setup["key"]), teacher)
     student = load_pipeline("tiny")
     snet = SealNetwork(student.unet, 4, passports=None)
     prompts = ["a photo of sks cat", "sks cat on a beach", "a photo of a dog", "a landscape", "a red car", ""]

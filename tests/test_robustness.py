@@ -8,13 +8,12 @@ import pytest
 import torch
 
 from seal_diffusion.keyfile import SealKey
-from seal_diffusion.robustness import (
+from seal_diffusion.cli.commands_attack import add_robustness_command
+from seal_diffusion.robustness import plan_for, run_robustness
+from seal_diffusion.robustness_measures import (
     _KeyGeometry,
-    add_robustness_command,
     clopper_pearson_upper,
-    plan_for,
     relative_change,
-    run_robustness,
     weighted_neg_log10_p,
 )
 

@@ -1,26 +1,20 @@
 """The app's *Dispute* tab: who owns a suspect LoRA? A thin layer over :func:`seal_diffusion.dispute.dispute`.
 
-Hooked into :func:`ui.app.build_app` with one call (:func:`dispute_tab`) inside its ``gr.Tabs``; api_name ``/dispute``.
+Hooked into :func:`ui.layout.build_app` with one call (:func:`dispute_tab`) inside its ``gr.Tabs``; api_name ``/dispute``.
 """
 
 from __future__ import annotations
 
 import gradio as gr
 
-
-def _path(file):
-    from ui.app import _path as path
-
-    return path(file)
+from seal_diffusion.dispute import ClaimInput, dispute
+from seal_diffusion.fileio import write_json_atomic, write_text_atomic
+from ui.workspace import _copy_uploads, _need, _path, _paths
 
 
 def run_dispute(suspect=None, key1=None, tsr1=None, key2=None, tsr2=None, ca=None, photos=None, prompt=None,
                 base=None, *, ws=None, default_base="tiny", request: gr.Request = None):
     """Returns (the decision as Markdown, the full report as Markdown, the JSON report's path)."""
-    from seal_diffusion.dispute import ClaimInput, dispute
-    from seal_diffusion.fileio import write_json_atomic, write_text_atomic
-    from ui.app import _copy_uploads, _need, _paths
-
     _need(_path(suspect) is not None, "Add the suspect LoRA file (the one in dispute).")
     claims, names = [], {}
     for i, (key, tsr) in enumerate(((key1, tsr1), (key2, tsr2))):

@@ -1,6 +1,6 @@
 """The Verify tab's function-level test (``verify --functional``): a tick box, a plain-words panel, one event.
 
-Kept apart from ``ui/app.py``: the tab calls :func:`checkbox` and :func:`panel` where the widgets go and :func:`hook`
+Kept apart from ``ui/layout.py``: the tab calls :func:`checkbox` and :func:`panel` where the widgets go and :func:`hook`
 once to run the test after the weight test (the ``/verify`` endpoint keeps its inputs and outputs; this step has its
 own endpoint, ``/verify_functional``).
 """
@@ -12,7 +12,10 @@ import math
 
 import gradio as gr
 
+from seal_diffusion.base_model import load_pipeline
 from seal_diffusion.errors import UserError
+from seal_diffusion.functional import DEFAULT_PROBES, verify_both
+from seal_diffusion.verify import DEFAULT_THRESHOLD
 
 
 def checkbox() -> gr.Checkbox:
@@ -47,9 +50,6 @@ def _words(name: str, rep) -> str:
 def run(key_file, suspect_files, base, threshold, enabled, clean=lambda s: s, n_probes: int | None = None,
         size: int | None = None):
     """The panel's content: one plain-words verdict per suspect (or hidden when the box is not ticked)."""
-    from seal_diffusion.functional import DEFAULT_PROBES, verify_both
-    from seal_diffusion.verify import DEFAULT_THRESHOLD
-
     if not enabled:
         return gr.Markdown(visible=False)
     base = (base or "").strip()
@@ -66,8 +66,6 @@ def run(key_file, suspect_files, base, threshold, enabled, clean=lambda s: s, n_
         name = str(path).rsplit("/", 1)[-1]
         try:
             if pipe is None:
-                from seal_diffusion.base_model import load_pipeline
-
                 pipe = load_pipeline(base)
             rep = verify_both(key_file, path, base, threshold=threshold, pipe=pipe,
                               n_probes=n_probes or DEFAULT_PROBES, size=size)

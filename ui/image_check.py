@@ -12,16 +12,14 @@ import shutil
 
 import gradio as gr
 
+from seal_diffusion.image_check import create_challenge, verify_images
+from ui.workspace import _copy_uploads, _guard, _int, _load_key, _need, _path, _paths
 
 MAX_IMAGES = 256
 
 
 def _handlers(ws, default_base: str):
-    from ui.app import _copy_uploads, _int, _load_key, _need, _path, _paths
-
     def make(key_file=None, prompt=None, n=None, base=None, request: gr.Request = None):
-        from seal_diffusion.image_check import create_challenge
-
         _, key_path = _load_key(key_file)
         n = _int(n if n not in (None, "") else 32, "Number of images", 1, MAX_IMAGES)
         job = ws.job(request, "challenge")
@@ -35,8 +33,6 @@ def _handlers(ws, default_base: str):
 
     def check(key_file=None, challenge_file=None, images=None, base=None, threshold=None,
               request: gr.Request = None):
-        from seal_diffusion.image_check import verify_images
-
         _, key_path = _load_key(key_file)
         challenge = _path(challenge_file)
         _need(challenge is not None, "Upload the challenge (.json) the images answer.")
@@ -65,8 +61,6 @@ def _handlers(ws, default_base: str):
 
 def image_check_tab(ws, base: str) -> None:
     """Build the tab inside the app's ``gr.Tabs`` (and wire its events)."""
-    from ui.app import _guard
-
     make, check = _handlers(ws, base)
     with gr.Tab("5 · Check images", id="check-images"):
         gr.Markdown("Found a service or app whose pictures look like your LoRA, but no file? **1.** Make a "

@@ -1,0 +1,193 @@
+"""Commands that test ownership: ``verify``, ``scan``, ``challenge``, ``verify-images``, ``dispute``."""
+
+from __future__ import annotations
+
+import argparse
+
+from tqdm import tqdm
+
+from ..dispute import ClaimInput, dispute
+from ..fileio import write_json_atomic, write_text_atomic
+from ..functional import verify_both
+from ..image_check import DEFAULT_GUIDANCE, DEFAULT_N, DEFAULT_STEPS, create_challenge, verify_images
+from ..scan import CORRECTION, exit_code, format_table, scan
+from ..verify import verify_path
+
+
+def add_verify_command(sub) -> None:
+    p = sub.add_parser("verify", help="ownership test of a LoRA file/folder or a merged model (exit 0 detected, 1 not)",
+                       description="Ownership test. Several SUSPECTs are ONE suspect: the files a user loads "
+                       "together (each at strength 1), their weight updates added before the test — this undoes a "
+                       "LoRA split into parts (A = original + R, B = -R). To test files separately, use scan.")
+    p.add_argument("--key", required=True, help="the private .sealkey file")
+    p.add_argument("suspect", nargs="+",
+                   help="LoRA .safetensors in any layout diffusers/ComfyUI/A1111 load, a diffusers LoRA folder, or a "
+                        "full model; several: tested as loaded together (deltas added)")
+    p.add_argument("--commitment", metavar="HEX",
+                   help="the commitment you published with the LoRA: the key is refused unless it matches")
+    p.add_argument("--base", help="base model the suspect was merged into (needed for full models)")
+    p.add_argument("--config", help="local diffusers folder with the configs, for single-file models offline")
+    p.add_argument("--json", help="write the report as JSON here")
+    p.add_argument("--threshold", type=float, default=3.3, help="detect when -log10 p >= this (default 3.3, p < 5e-4)")
+    p.add_argument("--statistic", default="contrast", choices=["contrast", "correlation"],
+                   help="pooled statistic (see docs/verification.md)")
+    g = p.add_argument_group("function-level test (survives distillation; needs --base)")
+    g.add_argument("--functional", action="store_true",
+                   help="also run the function-level test; the verdict combines both (Bonferroni: p = 2·min p)")
+    g.add_argument("--probes", type=int, default=8, help="secret probes of the function test (default 8)")
+    g.add_argument("--probe-size", type=int, help="latent side of the probes (default: the model's, 32 on tiny, "
+                   "64 on SD 1.5; smaller is cheaper and a little weaker)")
+    g.add_argument("--prompt", action="append",
+                   help="prompt for the probes, e.g. the LoRA's instance prompt (repeatable; default: the "
+                   "instance prompt of a README.md beside the key, plus generic prompts)")
+    g.add_argument("--no-cache", action="store_true",
+                   help="do not read or write the private probe cache beside the key")
+    p.set_defaults(func=cmd_verify)
+
+
+def cmd_verify(args) -> int:
+    if args.functional:
+        report = verify_both(args.key, args.suspect, args.base, threshold=args.threshold, statistic=args.statistic,
+                             n_probes=args.probes, prompts=args.prompt, config=args.config,
+                             use_cache=not args.no_cache, size=args.probe_size, commitment=args.commitment)
+    else:
+        report = verify_path(args.key, args.suspect, base=args.base, threshold=args.threshold,
+                             statistic=args.statistic, config=args.config, commitment=args.commitment)
+    print(report.summary())
+    if args.json:
+        write_json_atomic(args.json, report.to_json())
+    return 0 if report.detected else 1
+
+
+def add_scan_command(sub) -> None:
+    p = sub.add_parser("scan", help="verify many files against one or many keys; table of verdicts",
+                       description="Verify every file against every key. Exit 0: every file was checked and at "
+                       "least one detected; 1: none detected; 2: some file could not be checked (unreadable, or none "
+                       "of the key's layers found) or bad input. Verdicts are Holm-corrected for files x keys.")
+    p.add_argument("--key", required=True, action="append", help="a .sealkey (repeat for several keys)")
+    p.add_argument("paths", nargs="+", help="LoRA files or folders (searched for *.safetensors)")
+    p.add_argument("--threshold", type=float, default=3.3,
+                   help="DETECTED when the Holm-corrected -log10 p >= this (default 3.3, p < 5e-4), corrected for "
+                        "files x keys so the whole scan accuses an innocent file with probability < 10^-threshold")
+    p.add_argument("--statistic", default="contrast", choices=["contrast", "correlation"],
+                   help="contrast (default): exact sign-flip test on <C^, C - C_p>; correlation: the textbook "
+                        "Gaussian test on <C^, C>, over-fires on same-subject LoRAs (see docs/verification.md)")
+    p.add_argument("--combine", action="store_true",
+                   help="also test all the files loaded together (deltas added): catches a LoRA split into parts")
+    p.add_argument("--commitment", action="append", metavar="HEX",
+                   help="a published commitment (repeat for several keys): every key must match one, or the scan "
+                        "is refused")
+    p.add_argument("--json", help="write the rows as JSON here")
+    p.set_defaults(func=cmd_scan)
+
+
+def cmd_scan(args) -> int:
+    rows, rate = scan(args.key, args.paths, args.threshold, args.statistic,
+                      progress=lambda it: tqdm(it, desc="scanning", unit="file", disable=None),
+                      combine=args.combine, commitments=args.commitment)
+    print(format_table(rows, args.threshold))
+    checked = bool(args.commitment)
+    print(f"{len(rows)} verdicts, {rate:.1f} files/s; keys " + ("match the published commitments given" if checked
+          else "NOT checked against published commitments (pass --commitment HEX)"))
+    if args.json:
+        write_json_atomic(args.json, {"rows": [vars(r) for r in rows], "files_per_s": rate, "correction": CORRECTION,
+                                      "n_tests": len(rows), "threshold": args.threshold,
+                                      "commitment_checked": checked})
+    return exit_code(rows)
+
+
+def add_challenge_command(sub) -> None:
+    p = sub.add_parser("challenge", help="write an image challenge (prompts, seeds, sampler) for the check "
+                              "from generated images; renders the owner's private reference beside the key")
+    p.add_argument("--key", required=True, help="the private .sealkey file")
+    p.add_argument("--base", default="tiny", help="base model the LoRA runs on (default tiny)")
+    p.add_argument("--out", required=True, help="the challenge JSON to write (public: give it to the suspect service)")
+    p.add_argument("--prompt", default=None,
+                   help="the subject prompt (default: instance_prompt of the model card beside the key)")
+    p.add_argument("--n", type=int, default=DEFAULT_N, help=f"number of images (default {DEFAULT_N})")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampler steps (default {DEFAULT_STEPS})")
+    p.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE, help="CFG (default 7.5)")
+    p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's native size)")
+    p.add_argument("--compare_size", type=int, default=None, help="side of the comparison grid (default size/2)")
+    p.set_defaults(func=cmd_challenge)
+
+
+def cmd_challenge(args) -> int:
+    ch = create_challenge(args.key, args.out, base=args.base, prompt=args.prompt, n=args.n, steps=args.steps,
+                          guidance_scale=args.guidance_scale, size=args.size, compare_size=args.compare_size)
+    print(f"wrote {args.out}: {ch.n} prompts/seeds, {ch.scheduler} {ch.steps} steps, CFG {ch.guidance_scale:g}, "
+          f"{ch.width}×{ch.height}; private reference beside the key (0600)")
+    return 0
+
+
+def add_verify_images_command(sub) -> None:
+    p = sub.add_parser("verify-images", help="ownership test from images a suspect rendered for a challenge "
+                              "(exit 0 detected, 1 not)")
+    p.add_argument("--key", required=True, help="the private .sealkey file")
+    p.add_argument("--challenge", required=True, help="the challenge JSON the images answer")
+    p.add_argument("images", nargs="+", help="PNG/JPEG/WebP images, in challenge order or named by entry number "
+                   "(img_007.png = entry 7, from 0)")
+    p.add_argument("--base", default=None, help="base model (default: the challenge's base_model)")
+    p.add_argument("--json", default=None, help="write the report as JSON here")
+    p.add_argument("--threshold", type=float, default=3.3, help="detect when -log10 p >= this (default 3.3)")
+    p.set_defaults(func=cmd_verify_images)
+
+
+def cmd_verify_images(args) -> int:
+    report = verify_images(args.key, args.challenge, args.images, base=args.base, threshold=args.threshold)
+    print(report.summary())
+    if args.json:
+        write_json_atomic(args.json, report.to_json())
+    return 0 if report.detected else 1
+
+
+class _ClaimAction(argparse.Action):
+    """``--claim KEY`` starts a claim; ``--timestamp``, ``--commitment`` and ``--file`` attach to the last one."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        claims = getattr(namespace, "claims", None) or []
+        if option_string == "--claim":
+            claims.append(ClaimInput(values))
+        else:
+            if not claims:
+                parser.error(f"{option_string} must follow the --claim it belongs to")
+            field_name = option_string.lstrip("-")
+            if getattr(claims[-1], field_name) is not None:
+                parser.error(f"{option_string} given twice for --claim {claims[-1].key}")
+            setattr(claims[-1], field_name, values)
+        namespace.claims = claims
+
+
+def add_dispute_command(sub) -> None:
+    p = sub.add_parser(
+        "dispute", help="who owns SUSPECT: R1, R2, commitment and timestamps per claim; names the earliest valid "
+        "claim (exit 0 winner, 1 cannot decide, 2 error)",
+        description="Check ownership claims on a suspect LoRA and name the earliest valid one. Each --claim KEY may "
+        "be followed by its own --timestamp TSR, --commitment HEX (the value the claimant published) and --file LORA "
+        "(the file the claimant published; verified with every other key). See docs/dispute.md.")
+    p.add_argument("suspect", help="the disputed LoRA file or folder")
+    p.add_argument("--claim", action=_ClaimAction, required=True, metavar="KEY", help="a claimant's .sealkey (repeat)")
+    p.add_argument("--timestamp", action=_ClaimAction, metavar="TSR", help="RFC 3161 reply for the previous claim")
+    p.add_argument("--commitment", action=_ClaimAction, metavar="HEX", help="commitment published for the previous "
+                   "claim")
+    p.add_argument("--file", action=_ClaimAction, metavar="LORA", help="LoRA published by the previous claimant")
+    p.add_argument("--ca", help="CA certificate(s) of the timestamp authorities, PEM (needed with --timestamp)")
+    p.add_argument("--base", help="base model (default: the first key's)")
+    p.add_argument("--config", help="local diffusers config folder for a single-file base")
+    p.add_argument("--data", help="folder of the subject's images (R2 needs it)")
+    p.add_argument("--prompt", default="a photo of sks cat", help="the subject's prompt (default: 'a photo of sks "
+                   "cat')")
+    p.add_argument("--json", help="write the report as JSON here")
+    p.add_argument("--out", help="write the Markdown report here")
+    p.set_defaults(func=cmd_dispute, claims=None)
+
+
+def cmd_dispute(args) -> int:
+    report = dispute(args.suspect, args.claims, base=args.base, data=args.data, prompt=args.prompt, ca=args.ca,
+                     config=args.config)
+    print(report.summary())
+    if args.json:
+        write_json_atomic(args.json, report.to_json())
+    if args.out:
+        write_text_atomic(args.out, report.markdown())
+    return report.exit_code

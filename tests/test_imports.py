@@ -1,0 +1,179 @@
+"""The layout's rules, checked from the source: no import circles, nothing imports upward, a light command line.
+
+The import graph is built with ``ast`` from every module of ``seal_diffusion`` and ``ui``, counting imports inside
+functions too (a circle hidden in a function body is still a circle); a strongly connected component of more than
+one module is a circle. "Upward" is measured against the tree in the README's *Development* section, which lists the
+modules in the order data flows through them: a module may import only modules listed above it.
+"""
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("seal_diffusion", "ui")
+HEAVY = ("accelerate", "diffusers", "gradio", "matplotlib", "transformers")
+# (importer, imported): why it may point down the README tree. Keep this short; each entry is a debt.
+DOWNWARD_OK = {
+    ("seal_diffusion.training", "seal_diffusion.attacks"): "loop.py starts --init_lora from attacks.init_from_lora, "
+    "which belongs beside lora_file.py",
+}
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for pkg in PACKAGES:
+        for path in (ROOT / pkg).rglob("*.py"):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            mods[".".join(parts)] = path
+    return mods
+
+
+def _targets(node: ast.AST, name: str, path: Path) -> list[str]:
+    """The dotted names an import statement may refer to (``from a import b``: ``a`` and ``a.b``)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    base = node.module or ""
+    if node.level:  # relative: resolved against the importing module's package
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        package = package[: len(package) - node.level + 1]
+        base = ".".join(package + ([node.module] if node.module else []))
+    return [base] + [f"{base}.{a.name}" for a in node.names]
+
+
+def import_graph() -> dict[str, set[str]]:
+    mods = _modules()
+    graph = {m: set() for m in mods}
+    for name, path in mods.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                for target in _targets(node, name, path):
+                    while target and target not in mods:  # `from pkg.mod import func` → pkg.mod
+                        target = target.rpartition(".")[0]
+                    if target and target != name:
+                        graph[name].add(target)
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan, iterative)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_circle_finder_finds_a_circle():
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert circles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_graph_sees_relative_and_function_level_imports():
+    graph = import_graph()
+    assert "seal_diffusion.errors" in graph["seal_diffusion.cli"]  # `from ..errors import` in cli/__init__.py
+    assert "seal_diffusion.training" in graph["seal_diffusion.cli.commands_make"]  # inside cmd_train
+    assert "seal_diffusion.training.loop" in graph["seal_diffusion.training"]
+
+
+def test_no_import_circles():
+    assert circles(import_graph()) == []
+
+
+CLI_START = """
+import os, sys
+
+class Watch:  # tells the OpenMP spin setting at the moment torch starts loading
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            print("spin at torch:", os.environ.get("GOMP_SPINCOUNT"))
+        return None
+
+sys.meta_path.insert(0, Watch())
+import seal_diffusion.cli
+seal_diffusion.cli.build_parser()
+print("heavy:", sorted(m for m in HEAVY if m in sys.modules))
+"""
+
+
+def test_the_command_line_starts_light_and_sets_the_spin_before_torch():
+    """``seal-diffusion verify`` and ``--help`` must not wait for diffusers, accelerate, gradio or matplotlib, and
+    the OpenMP spin setting (:func:`seal_diffusion.cpu.short_openmp_spin`) must come before torch loads."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run([sys.executable, "-c", f"HEAVY = {HEAVY!r}" + CLI_START], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["spin at torch: 1000", "heavy: []"], out.stdout
+
+
+def readme_order() -> list[str]:
+    """The modules of the README's layout tree, top to bottom (a folder entry stands for its package)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    tree = text[text.index("## Development"):]
+    tree = tree[tree.index("```") + 3:]
+    tree = tree[tree.index("\n") + 1: tree.index("```")]
+    order, package = [], None
+    for line in tree.splitlines():
+        if not line.strip():
+            continue
+        first = line.split()[0]
+        if not line.startswith(" "):
+            if first.rstrip("/").count("/"):  # a sub-package on its own line, e.g. seal_diffusion/cli/
+                order.append(first.rstrip("/").replace("/", "."))
+            else:
+                package = first.rstrip("/")
+            continue
+        order.append(f"{package}.{first.removesuffix('.py').rstrip('/')}")
+    return order
+
+
+def test_nothing_imports_upward():
+    order = readme_order()
+    rank = {m: i for i, m in enumerate(order)}
+
+    def entry(module: str) -> str | None:  # the tree entry a module belongs to (a package's modules: the package)
+        while module not in rank and "." in module:
+            module = module.rpartition(".")[0]
+        return module if module in rank else None
+
+    graph = import_graph()
+    unlisted = sorted(m for m in graph if entry(m) is None and m not in PACKAGES)
+    assert not unlisted, f"add these modules to the README's layout tree: {unlisted}"
+    upward = sorted((entry(a), entry(b)) for a, targets in graph.items() for b in targets
+                    if entry(a) and entry(b) and rank[entry(b)] > rank[entry(a)])
+    assert [pair for pair in upward if pair not in DOWNWARD_OK] == []
+    assert set(DOWNWARD_OK) <= set(upward), "an exception no longer needed: remove it from DOWNWARD_OK"
