@@ -90,9 +90,10 @@ def logo(sandbox):
 
 @pytest.fixture(scope="module")
 def trained(client, logo):
-    """One short training through /train (bundled cat, image passport), watching the live progress."""
+    """One short training through /train (bundled cat, image passport, text encoder too), watching the live
+    progress; the other tests export, compare and verify its key (UNet and text-encoder modules) through the app."""
     job = client.submit(None, True, "a photo of sks cat", "tiny", STEPS, IMAGE_RANK, "image", handle_file(str(logo)),
-                        "ui_lora", "", "64", "1", "0", api_name="/train")
+                        "ui_lora", "", "64", "1", "0", True, api_name="/train")
     descs = []
     while not job.done():
         status = job.status()
@@ -122,6 +123,8 @@ def test_train_outputs(trained):
     assert key.rank == IMAGE_RANK and key.passport_source.startswith("image:")
     lora = read_lora(trained["kohya"])
     assert lora.layout == "kohya" and len(lora.entries) == len(key.modules)
+    te = [m for m in key.modules if m.startswith("text_encoder.")]  # the "train the text encoder" box was ticked
+    assert len(te) == 20 and sum(s.startswith("lora_te_") for s in lora.entries) == 20
     assert not any("passport" in k for k in lora.metadata)
     # live progress: step, loss and time left reached the client while training ran
     pattern = re.compile(rf"Training: step \d+ of {STEPS} · loss \d+\.\d+ · about .+ left")

@@ -53,7 +53,8 @@ class Handlers:
     # default applies); the handlers check what is missing and say so.
     def train(self, photos=None, use_example=None, instance_prompt=None, base=None, steps=None, rank=None,
               passport_kind=None, passport_image=None, name=None, learning_rate=None, resolution=None,
-              batch_size=None, seed=None, request: gr.Request = None, progress=gr.Progress()):
+              batch_size=None, seed=None, train_text_encoder=None, request: gr.Request = None,
+              progress=gr.Progress()):
         base = (base or "").strip() or self.base
         src = resolve_base(base)  # a typo'd base fails here, before anything is written
         prompt = (instance_prompt or "").strip()
@@ -103,6 +104,8 @@ class Handlers:
             argv.append(f"--train_batch_size={_int(batch_size, 'Images per step', 1, 256)}")
         if seed:
             argv.append(f"--seed={_int(seed, 'Seed', 0, 2**32 - 1)}")
+        if train_text_encoder:
+            argv.append("--train_text_encoder")
         args = parse_args(argv)
 
         progress(0, desc="Preparing: loading the base model and your photos…")

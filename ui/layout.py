@@ -111,6 +111,9 @@ def build_app(base: str = "tiny") -> gr.Blocks:
                                                     "memory is short)", elem_id="train-batch")
                             seed = gr.Textbox(label="Seed (for a repeatable run)", placeholder="random",
                                               elem_id="train-seed")
+                            train_te = gr.Checkbox(label="Also train the text encoder (watermarked too; the LoRA "
+                                                   "then holds text-encoder layers, as kohya's do)", value=False,
+                                                   elem_id="train-text-encoder")
                         train_btn = gr.Button("Train my watermarked LoRA", variant="primary", elem_id="train-btn")
                     with gr.Column(scale=1):
                         gr.Markdown("#### Result")
@@ -221,7 +224,7 @@ def build_app(base: str = "tiny") -> gr.Blocks:
         train_evt = train_btn.click(
             _guard(ws, h.train),
             [photos, use_example, prompt, base_in, steps, rank, passport_kind, passport_image, name, lr, resolution,
-             batch_size, seed],
+             batch_size, seed, train_te],
             [train_md, kohya_out, diffusers_out, key_out, commitment_out],
             api_name="train", concurrency_id="heavy", concurrency_limit=1, show_progress_on=[train_md])
         train_evt.success(lambda k: (k, k, k) if k else (gr.skip(),) * 3, key_out,
