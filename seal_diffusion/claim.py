@@ -24,7 +24,8 @@ import torch
 
 from .base_model import load_pipeline
 from .errors import UserError
-from .evaluation import heldout_batch, heldout_denoising_loss, training_noise_scheduler
+from .evaluation import heldout_batch, heldout_denoising_loss
+from .forgery import fit_passport_p
 from .keyfile import ModuleKey, SealKey
 from .metrics import mean_std, psnr, ssim
 from .passport import make_passports, pair_problem
@@ -168,31 +169,8 @@ def _optimise_passport_p(key, init, base, data, prompt, steps, seed):
     if data is None:
         raise UserError("ambiguity --mode optimised needs --data (subject images)")
     pipe = load_pipeline(base or key.base_model)
-    latents, ehs = heldout_batch(pipe, data, prompt)
-    net = network_from_key(key, pipe)
-    scheduler = training_noise_scheduler(pipe)
-    params = {}
-    try:
-        for name, layer in net.items():
-            p = torch.nn.Parameter(init[name].clone())
-            params[name] = p
-            layer.passport_p = p  # the forger trains the second passport only
-        for p in net.trainable_parameters():
-            p.requires_grad_(False)
-        opt = torch.optim.Adam(params.values(), lr=1e-2)
-        g = torch.Generator().manual_seed(seed)
-        net.set_passport("C_p")
-        for _ in range(steps):
-            noise = torch.randn(latents.shape, generator=g)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g)
-            pred = pipe.unet(scheduler.add_noise(latents, noise, t), t, **ehs.expand(latents.shape[0]).unet_kwargs()).sample
-            loss = torch.nn.functional.mse_loss(pred, noise)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    finally:
-        net.remove()
-    return {n: p.detach().clone() for n, p in params.items()}
+    return fit_passport_p(key, pipe, data, prompt, init, steps=steps, lr=1e-2,
+                          generator=torch.Generator().manual_seed(seed))
 
 
 def forge_key(key_path, out, *, mode="gamma", gamma=0.5, seed=0, data=None, base=None, steps=100,

@@ -17,7 +17,8 @@ is invented:
   start (the reviewers' open question); with ``repel`` > 0 it is also pushed to differ from C̃ in the LoRA's
   directions (the adaptive forger, aiming at R2's own measures).
 
-Used by ``tests/test_dispute.py`` and ``benchmarks/bench_genuine.py``; not part of any command.
+The forgers are used by ``tests/test_dispute.py`` and ``benchmarks/bench_genuine.py`` (not by any command);
+:func:`fit_passport_p` also serves the claim check's ambiguity attack (``attack ambiguity --mode optimised``).
 """
 
 from __future__ import annotations
@@ -124,31 +125,43 @@ def forge(public: dict[str, tuple[torch.Tensor, torch.Tensor]], mode: str, *, se
 
 
 def _optimise(key: SealKey, pipe, data, prompt, steps, lr, repel, seed, start="random") -> SealKey:
-    """Fit C̃_p on the subject's denoising loss (B̃, Ã, C̃ fixed) from a random start of C̃'s scale; ``repel`` weights
-    a term that rewards a large B̃(C̃ − C̃_p)Ã relative to ΔW (capped at 1, so it cannot run away)."""
+    """The ``optimised`` forger: C̃_p fitted from a random start of C̃'s scale (``start="C"``: C̃ plus 10 % of it)."""
     g = torch.Generator().manual_seed(seed + 1)
+    init = {}
+    for name, mk in key.modules.items():
+        init[name] = torch.randn(key.rank, key.rank, generator=g) * float(mk.passport.std())
+        if start == "C":
+            init[name] = mk.passport + 0.1 * init[name]
+    fitted = fit_passport_p(key, pipe, data, prompt, init, steps=steps, lr=lr, generator=g, repel=repel)
+    modules = {n: ModuleKey(mk.lora_A, mk.lora_B, mk.passport, fitted[n]) for n, mk in key.modules.items()}
+    return SealKey(modules, key.rank, key.alpha, key.base_model, key.target_modules, key.passport_source)
+
+
+def fit_passport_p(key: SealKey, pipe, data, prompt: str, init: dict[str, torch.Tensor], *, steps: int, lr: float,
+                   generator: torch.Generator, repel: float = 0.0) -> dict[str, torch.Tensor]:
+    """``{module: C_p}`` fitted by Adam on the subject's denoising loss with B, A and C fixed, from ``init``; noise and
+    timesteps are drawn from ``generator``. ``repel`` weights a term that rewards a large B(C − C_p)A relative to ΔW
+    (capped at 1, so it cannot run away). The second-passport forgers of both this module and the claim check's
+    ambiguity attack (:func:`seal_diffusion.claim.forge_passport_p`) fit through here."""
     latents, ehs = heldout_batch(pipe, data, prompt)
     net = network_from_key(key, pipe)
     scheduler = training_noise_scheduler(pipe)
     params = {}
     try:
         for name, layer in net.items():
-            c = key.modules[name].passport
-            init = torch.randn(key.rank, key.rank, generator=g) * float(c.std())
-            if start == "C":
-                init = c + 0.1 * init
-            p = torch.nn.Parameter(init)
+            p = torch.nn.Parameter(init[name].clone())
             params[name] = p
-            layer.passport_p = p
+            layer.passport_p = p  # the forger trains the second passport only
         for p in net.trainable_parameters():
             p.requires_grad_(False)
-        grams = {n: (mk.lora_B.T @ mk.lora_B, mk.lora_A @ mk.lora_A.T) for n, mk in key.modules.items()}
+        grams = {n: (mk.lora_B.T @ mk.lora_B, mk.lora_A @ mk.lora_A.T) for n, mk in key.modules.items()} if repel else {}
         opt = torch.optim.Adam(params.values(), lr=lr)
         net.set_passport("C_p")
+        cond = ehs.expand(latents.shape[0]).unet_kwargs()
         for _ in range(steps):
-            noise = torch.randn(latents.shape, generator=g)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g)
-            pred = pipe.unet(scheduler.add_noise(latents, noise, t), t, **ehs.expand(latents.shape[0]).unet_kwargs()).sample
+            noise = torch.randn(latents.shape, generator=generator)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+            pred = pipe.unet(scheduler.add_noise(latents, noise, t), t, **cond).sample
             loss = torch.nn.functional.mse_loss(pred, noise)
             if repel:
                 ratios = []
@@ -163,6 +176,4 @@ def _optimise(key: SealKey, pipe, data, prompt, steps, lr, repel, seed, start="r
             opt.step()
     finally:
         net.remove()
-    modules = {n: ModuleKey(mk.lora_A, mk.lora_B, mk.passport, params[n].detach().clone())
-               for n, mk in key.modules.items()}
-    return SealKey(modules, key.rank, key.alpha, key.base_model, key.target_modules, key.passport_source)
+    return {n: p.detach().clone() for n, p in params.items()}
