@@ -131,6 +131,10 @@ def main(argv=None) -> int:
     if not args.no_micro:
         # the largest SD 1.5 attention layer at 512² (4096 tokens × 320) and a tiny-default one (1024 tokens × 32)
         shapes = [(32, 32, 4 * 1024, False), (320, 320, 4096, True), (320, 320, 4096, False)]
+        if any(H.CONFIGS[c]["unet"] == "sdxl" for c in configs):
+            # SDXL at its native 1024²: self-attention at level 1 (4096 tokens × 640) and 2 (1024 × 1280), and a
+            # cross-attention K/V (77 text tokens, 2048 → 1280), the layer kind where SEAL's fixed extra weighs most
+            shapes += [(640, 640, 4096, True), (1280, 1280, 1024, True), (2048, 1280, 77, True)]
         for d_in, d_out, tokens, bf16 in shapes:
             label = f"one adapted Linear {d_in}→{d_out}, {tokens} tokens, {'bf16 autocast' if bf16 else 'fp32'}, fwd+bwd"
             print(f"\n[micro] {label} …", flush=True)
