@@ -306,7 +306,7 @@ def test_sdxl_both_encoders(subject_dir, tmp_path):
 
 
 def test_function_and_image_tests_skip_text_encoder_modules(te_run, tiny_dir):
-    from seal_diffusion.functional import owner_network
+    from seal_diffusion.probes import owner_network
     from seal_diffusion.image_check import PassportLine
 
     key, pipe = te_run["key"], load_pipeline("tiny")
