@@ -51,6 +51,8 @@ def curve(key_path: str, suspects: list[str], probes: list[int]) -> dict:
     import torch
 
     from seal_diffusion import functional as F
+    from seal_diffusion import probe_cache as PC
+    from seal_diffusion import probes as P
     from seal_diffusion.base_model import load_pipeline
     from seal_diffusion.keyfile import SealKey
 
@@ -58,18 +60,18 @@ def curve(key_path: str, suspects: list[str], probes: list[int]) -> dict:
     pipe = load_pipeline("tiny")
     t0 = time.process_time()
     # written beside the (copied) key: verify --functional with --probes max(probes) then finds it warm
-    cache = F.owner_cache(key, pipe, key_path=key_path, n_probes=max(probes))
+    cache = PC.owner_cache(key, pipe, key_path=key_path, n_probes=max(probes))
     cache_cpu = time.process_time() - t0
     rows = {}
     ceiling = cache.n_modules * 0.30103
     print(f"\n−log10 p against probes (tiny default, {cache.n_modules} layers; ceiling {ceiling:.1f})")
     print(f"{'suspect':<40} {'stat':<11} " + " ".join(f"{n:>6}" for n in probes))
     for s in suspects:
-        originals = F.merge_lora_into(pipe.unet, s)
+        originals = P.merge_lora_into(pipe.unet, s)
         try:
-            fs = F.suspect_outputs(pipe.unet, cache.probes)
+            fs = P.suspect_outputs(pipe.unet, cache.probes)
         finally:
-            F.restore_weights(pipe.unet, originals)
+            P.restore_weights(pipe.unet, originals)
         for stat in F.STATISTICS:
             vals = [F.functional_test(cache, fs, statistic=stat, n_probes=n).neg_log10_p for n in probes]
             rows[f"{Path(s).name}:{stat}"] = vals

@@ -79,7 +79,8 @@ def main() -> int:
 
     from seal_diffusion.base_model import load_pipeline
     from seal_diffusion.render import generate
-    from seal_diffusion.image_check import create_challenge, use_scheduler, verify_images
+    from seal_diffusion.image_check import create_challenge, verify_images
+    from seal_diffusion.image_sampler import use_scheduler
     from seal_diffusion.keyfile import SealKey
     from seal_diffusion.verify import sign_flip_neg_log10_p
 

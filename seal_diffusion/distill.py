@@ -23,9 +23,9 @@ from .base_model import load_pipeline
 from .conditioning import Conditioning, encode_text
 from .errors import UserError
 from .evaluation import training_noise_scheduler
-from .functional import GENERIC_PROMPTS, instance_prompt_near, merge_lora_into
 from .lora_file import write_lora
 from .network import SealNetwork
+from .probes import GENERIC_PROMPTS, instance_prompt_near, merge_lora_into
 from .subject import INSTANCE_PROMPT
 
 SOURCES = ("random", "samples")

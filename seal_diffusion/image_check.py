@@ -31,227 +31,30 @@ stays exact and its floor is 2^−(UNet modules). The weight test (:mod:`seal_di
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from safetensors import safe_open
+from safetensors.torch import save as st_save
 
+from .base_model import load_pipeline, resolve_base
 from .errors import UserError
+from .image_challenge import DEFAULT_GUIDANCE, DEFAULT_N, DEFAULT_STEPS, Challenge, make_challenge, \
+    subject_prompt_from_card
+from .image_sampler import Progress, directional_statistics, render_midpoint, to_compare_space
 from .keyfile import SealKey
 from .lora_names import unet_modules
-from .network import network_from_key
+from .render import default_size
+from .verify import sign_flip_neg_log10_p
 
-FORMAT = "seal-image-challenge"
-VERSION = 1
 REF_FORMAT = "seal-image-reference"
-GENERIC_PROMPTS = (
-    "a photo of a dog", "a landscape with mountains", "a red car on a street", "a bowl of fruit on a table",
-    "a portrait of a woman", "a city skyline at night", "a house in the forest", "a painting of flowers",
-)
-SUBJECT_VARIANTS = ("{}", "{} on a beach", "{} in the snow", "{} on a sofa", "a drawing of {}", "{}, close-up")
-DEFAULT_N = 32
-DEFAULT_STEPS = 10
-DEFAULT_GUIDANCE = 7.5
-DEFAULT_SCHEDULER = "DDIMScheduler"
-Progress = Callable[[int, int, str], object]
-
-
-# -- the challenge -----------------------------------------------------------------------------------------------------
-@dataclass
-class Challenge:
-    """What the suspect service is asked to render: entry i = prompt i with seed i (diffusers, torch CPU generator)."""
-
-    base_model: str
-    prompts: list[str]
-    seeds: list[int]
-    scheduler: str = DEFAULT_SCHEDULER
-    steps: int = DEFAULT_STEPS
-    guidance_scale: float = DEFAULT_GUIDANCE
-    height: int = 64
-    width: int = 64
-    compare_size: int = 32
-    key_commitment: str = ""
-    format: str = FORMAT
-    version: int = VERSION
-
-    @property
-    def n(self) -> int:
-        return len(self.prompts)
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    def sha256(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
-
-    def save(self, path: str | os.PathLike) -> Path:
-        from .fileio import write_json_atomic
-
-        return write_json_atomic(path, self.to_json())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "Challenge":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UserError(f"{path}: challenge file not found") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UserError(f"{path}: not a readable JSON challenge ({exc})") from exc
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise UserError(f"{path}: not a SEAL image challenge (format must be {FORMAT!r})")
-        try:
-            ch = cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
-            ok = (len(ch.prompts) == len(ch.seeds) > 0 and all(isinstance(p, str) for p in ch.prompts)
-                  and all(isinstance(s, int) for s in ch.seeds) and ch.steps > 0 and ch.height > 0
-                  and ch.width > 0 and 0 < ch.compare_size <= min(ch.height, ch.width))
-        except TypeError as exc:
-            raise UserError(f"{path}: challenge fields are malformed ({exc})") from exc
-        if not ok:
-            raise UserError(f"{path}: challenge fields are malformed (prompts/seeds/steps/size)")
-        return ch
-
-
-def subject_prompt_from_card(key_path: str | os.PathLike) -> str | None:
-    """The instance prompt written in the model card (README.md) beside a key, if there is one."""
-    card = Path(key_path).with_name("README.md")
-    if not card.is_file():
-        return None
-    m = re.search(r"^instance_prompt:\s*(\".*\")\s*$", card.read_text(encoding="utf-8", errors="replace"), re.M)
-    try:
-        return json.loads(m.group(1)) if m else None
-    except json.JSONDecodeError:
-        return None
-
-
-def make_challenge(key: SealKey, base_label: str, prompt: str, *, n: int = DEFAULT_N, size: int = 64,
-                   steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
-                   scheduler: str = DEFAULT_SCHEDULER, compare_size: int | None = None,
-                   seeds: Sequence[int] | None = None) -> Challenge:
-    """n entries: three quarters the subject prompt in a few settings, one quarter generic prompts; fresh seeds."""
-    if n < 1:
-        raise UserError(f"--n {n}: need at least one image")
-    if not prompt.strip():
-        raise UserError("--prompt: empty")
-    n_subject = max(1, (3 * n + 3) // 4)
-    prompts = [SUBJECT_VARIANTS[i % len(SUBJECT_VARIANTS)].format(prompt) for i in range(n_subject)]
-    prompts += [GENERIC_PROMPTS[i % len(GENERIC_PROMPTS)] for i in range(n - n_subject)]
-    seeds = list(seeds) if seeds is not None else [secrets.randbelow(2 ** 31) for _ in range(n)]
-    if len(seeds) != n:
-        raise UserError(f"seeds: {len(seeds)} given for {n} images")
-    compare = compare_size or max(1, size // 2)
-    if not 0 < compare <= size:
-        raise UserError(f"--compare_size {compare}: must be between 1 and the image size {size}")
-    return Challenge(base_label, prompts, [int(s) for s in seeds], scheduler, steps, guidance_scale, size, size,
-                     compare, key.commitment())
-
-
-# -- rendering ---------------------------------------------------------------------------------------------------------
-def use_scheduler(pipe, name: str) -> None:
-    import diffusers
-
-    cls = getattr(diffusers, name, None)
-    if cls is None or not name.endswith("Scheduler"):
-        raise UserError(f"challenge scheduler {name!r}: not a diffusers scheduler class")
-    if type(pipe.scheduler).__name__ != name:
-        pipe.scheduler = cls.from_config(pipe.scheduler.config)
-
-
-def sample(pipe, challenge: Challenge, index: Sequence[int]) -> torch.Tensor:
-    """The challenge entries ``index`` as ``StableDiffusionPipeline`` renders them — same noise (one CPU generator per
-    image), scheduler, CFG and decoding — but differentiable (no ``no_grad``): (k, 3, H, W) in [0, 1]."""
-    from diffusers.utils.torch_utils import randn_tensor
-
-    use_scheduler(pipe, challenge.scheduler)
-    device, dtype = pipe.unet.device, pipe.unet.dtype
-    prompts = [challenge.prompts[i] for i in index]
-    gens = [torch.Generator(device="cpu").manual_seed(int(challenge.seeds[i])) for i in index]
-    cfg = challenge.guidance_scale > 1.0
-    with torch.no_grad():
-        cond, uncond = pipe.encode_prompt(prompts, device, 1, cfg)
-    embeds = torch.cat([uncond, cond]) if cfg else cond
-    shape = (len(prompts), pipe.unet.config.in_channels, challenge.height // pipe.vae_scale_factor,
-             challenge.width // pipe.vae_scale_factor)
-    latents = randn_tensor(shape, generator=gens, device=device, dtype=dtype) * pipe.scheduler.init_noise_sigma
-    pipe.scheduler.set_timesteps(challenge.steps, device=device)
-    for t in pipe.scheduler.timesteps:
-        inp = pipe.scheduler.scale_model_input(torch.cat([latents] * 2) if cfg else latents, t)
-        noise = pipe.unet(inp, t, encoder_hidden_states=embeds, return_dict=False)[0]
-        if cfg:
-            n_uncond, n_cond = noise.chunk(2)
-            noise = n_uncond + challenge.guidance_scale * (n_cond - n_uncond)
-        latents = pipe.scheduler.step(noise, t, latents, return_dict=False)[0]
-    image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
-    return (image.float() / 2 + 0.5).clamp(0, 1)
-
-
-def to_compare_space(images: torch.Tensor, size: int) -> torch.Tensor:
-    """(n, 3, H, W) → (n, 3, size, size) by area averaging."""
-    return F.interpolate(images, size=(size, size), mode="area")
-
-
-class PassportLine:
-    """The key's SEAL layers on ``pipe.unet`` with module l's passport at M_l + t_l·D_l (``t`` a leaf vector, so
-    autograd gives ∂/∂t_l). Use as a context manager; the UNet is exactly the base again afterwards."""
-
-    def __init__(self, pipe, key: SealKey):
-        self.pipe, self.key, self.names = pipe, key, unet_modules(key.modules)  # text-encoder layers: not probed
-        self.mid = {n: (m.passport + m.passport_p) / 2 for n, m in key.modules.items()}
-        self.half = {n: (m.passport - m.passport_p) / 2 for n, m in key.modules.items()}
-
-    def __enter__(self) -> "PassportLine":
-        self.net = network_from_key(self.key, self.pipe, text_encoders=False)
-        self.net.set_passport("C")
-        self.set(torch.zeros(len(self.names)))
-        return self
-
-    def set(self, t: torch.Tensor) -> None:
-        for i, n in enumerate(self.names):
-            self.net[n].passport = self.mid[n] + t[i] * self.half[n]
-
-    def __exit__(self, *exc) -> None:
-        self.net.remove()
-
-
-def render_midpoint(pipe, key: SealKey, challenge: Challenge, batch_size: int = 8,
-                    progress: Progress | None = None) -> torch.Tensor:
-    """x_mid: every module at M = (C + C_p)/2, in compare space (n, 3, S, S). Independent of the release coins."""
-    out = []
-    with PassportLine(pipe, key), torch.no_grad():
-        for start in range(0, challenge.n, batch_size):
-            idx = list(range(start, min(start + batch_size, challenge.n)))
-            out.append(to_compare_space(sample(pipe, challenge, idx), challenge.compare_size))
-            if progress:
-                progress(idx[-1] + 1, challenge.n, "owner's reference images")
-    return torch.cat(out)
-
-
-def directional_statistics(pipe, key: SealKey, challenge: Challenge, residual: torch.Tensor, index: Sequence[int],
-                           batch_size: int = 4, progress: Progress | None = None) -> np.ndarray:
-    """d_l = ⟨r, ∂x/∂t_l⟩ at t = 0 for every module at once: one backward pass per batch of images (the images are
-    independent, so the sum over batches is exact and memory stays bounded)."""
-    grad = torch.zeros(len(unet_modules(key.modules)), dtype=torch.float64)
-    with PassportLine(pipe, key) as line:
-        for start in range(0, len(index), batch_size):
-            rows = list(range(start, min(start + batch_size, len(index))))
-            t = torch.zeros(len(line.names), requires_grad=True)
-            line.set(t)
-            with torch.enable_grad():
-                x = to_compare_space(sample(pipe, challenge, [index[i] for i in rows]), challenge.compare_size)
-                (x * residual[rows].to(x.dtype)).sum().backward()
-            grad += t.grad.double()
-            if progress:
-                progress(rows[-1] + 1, len(index), "testing the images against each module's direction")
-        line.set(torch.zeros(len(line.names)))
-    return grad.numpy()
 
 
 # -- the private reference cache ---------------------------------------------------------------------------------------
@@ -262,8 +65,6 @@ def reference_path(key_path: str | os.PathLike, challenge: Challenge) -> Path:
 
 def save_reference(x_mid: torch.Tensor, path: Path, key: SealKey, challenge: Challenge) -> Path:
     """Write x_mid beside the key, mode 0600 from the start (it is derived from the key's passports)."""
-    from safetensors.torch import save as st_save
-
     meta = {"format": REF_FORMAT, "key_commitment": key.commitment(), "challenge_sha256": challenge.sha256()}
     data = st_save({"x_mid": x_mid.float().contiguous()}, metadata=meta)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
@@ -282,8 +83,6 @@ def save_reference(x_mid: torch.Tensor, path: Path, key: SealKey, challenge: Cha
 
 def load_reference(path: Path, key: SealKey, challenge: Challenge) -> torch.Tensor | None:
     """The cached x_mid, or None when absent, unreadable, or made for another key or challenge (stale)."""
-    from safetensors import safe_open
-
     if not path.is_file():
         return None
     try:
@@ -344,8 +143,6 @@ class ImageReport:
 def check_images(pipe, key: SealKey, challenge: Challenge, x_mid: torch.Tensor, suspect: torch.Tensor,
                  index: Sequence[int], threshold: float = 3.3, progress: Progress | None = None) -> ImageReport:
     """The exact sign-flip test of ``suspect`` (compare space, rows = challenge entries ``index``)."""
-    from .verify import sign_flip_neg_log10_p
-
     residual = suspect - x_mid[list(index)]
     d = directional_statistics(pipe, key, challenge, residual, index, progress=progress)
     nlp = sign_flip_neg_log10_p(list(d))
@@ -378,8 +175,6 @@ def match_images(paths: Sequence[str | os.PathLike], challenge: Challenge) -> li
 
 def load_images(paths: Sequence[str | os.PathLike], challenge: Challenge) -> torch.Tensor:
     """(n, 3, S, S) in compare space: RGB, resized back to the challenge size (bicubic), then area-averaged."""
-    from PIL import Image, UnidentifiedImageError
-
     out = []
     for p in paths:
         p = Path(p)
@@ -400,8 +195,6 @@ def load_images(paths: Sequence[str | os.PathLike], challenge: Challenge) -> tor
 def _pipeline(pipe, base: str):
     if pipe is not None:
         return pipe
-    from .base_model import load_pipeline
-
     return load_pipeline(base)
 
 
@@ -427,9 +220,6 @@ def create_challenge(key_path: str | os.PathLike, out: str | os.PathLike, *, bas
                      guidance_scale: float = DEFAULT_GUIDANCE, size: int | None = None,
                      compare_size: int | None = None, pipe=None, progress: Progress | None = None) -> Challenge:
     """Write the challenge JSON to ``out`` and the owner's private reference beside the key: what CLI and app call."""
-    from .base_model import resolve_base
-    from .render import default_size
-
     key = SealKey.load(key_path)
     prompt = prompt or subject_prompt_from_card(key_path)
     if not prompt:

@@ -35,6 +35,7 @@ from torch import nn
 from .errors import UserError
 from .layer import MODES, SealLoRALayer
 from .lora_names import TEXT_ENCODER_TARGETS, TEXT_ENCODERS
+from .passport import release_swap
 
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 ADDED_KV_TARGETS = ("add_k_proj", "add_v_proj")
@@ -46,7 +47,7 @@ def find_target_modules(unet: nn.Module, targets: tuple[str, ...] = DEFAULT_TARG
 
     Targets an Attention does not have (``add_k_proj`` is None outside SimpleCrossAttn blocks) are skipped quietly.
     """
-    from diffusers.models.attention_processor import Attention
+    from diffusers.models.attention_processor import Attention  # lazy: diffusers is heavy; the CLI starts without it
 
     unknown = set(targets) - set(DEFAULT_TARGETS) - set(TEXT_ENCODER_TARGETS)
     if unknown:
@@ -202,8 +203,6 @@ class SealNetwork(nn.Module):
         """After training: swap C and C_p in the modules whose secret coin says so (see
         :func:`seal_diffusion.passport.release_swap`); returns how many were swapped. Random passports only: an image
         passport stays C (the picture is the point), at the price of an indicative rather than exact p-value."""
-        from .passport import release_swap
-
         swapped = 0
         for layer in self._layers.values():
             if release_swap(layer.passport.cpu(), layer.passport_p.cpu()):

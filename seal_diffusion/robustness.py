@@ -42,10 +42,11 @@ from .claim import check_claim, forge_passport_p
 from .distill import distill_lora, fidelity_of
 from .errors import UserError
 from .finetune import finetune_lora
-from .functional import combined_neg_log10_p, functional_test, merge_lora_into, owner_cache, restore_weights, \
-    suspect_outputs
+from .functional import combined_neg_log10_p, functional_test
 from .keyfile import SealKey
 from .lora_file import LoraFile, read_lora
+from .probe_cache import owner_cache
+from .probes import merge_lora_into, restore_weights, suspect_outputs
 from .progress import Progress, Ticker
 from .robustness_measures import (_ClaimBench, _Fidelity, _innocents, _KeyGeometry, _random_lora, delta_norms,
                                   relative_change, weighted_neg_log10_p)

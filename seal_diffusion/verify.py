@@ -41,8 +41,11 @@ from pathlib import Path
 import torch
 from scipy.stats import norm
 
+from .base_model import config_from_base, load_pipeline
 from .errors import UserError
-from .keyfile import SealKey
+from .fileio import safe_open_keys
+from .keyfile import SealKey, check_commitment
+from .lora_file import _add_factors, read_lora
 from .recovery import (  # noqa: F401 - re-exported: verify's public numerical API
     LN10, PreparedKey, _recover, passport_std, prepare, recover_groups, recover_passports, sign_flip_neg_log10_p)
 
@@ -210,8 +213,6 @@ def _is_checkpoint_path(path: Path) -> bool:
         return (path / "model_index.json").is_file() or (path / "unet").is_dir()
     if path.suffix.lower() != ".safetensors":
         return False
-    from .fileio import safe_open_keys
-
     keys = safe_open_keys(path)
     return any(k.startswith("model.diffusion_model.") for k in keys)
 
@@ -224,8 +225,6 @@ def load_suspect(
     config: str | os.PathLike | None = None,
 ) -> Suspect:
     """Read a suspect: a LoRA file/folder (either layout) or a full model (then ``base`` gives W_base)."""
-    from .lora_file import read_lora
-
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: suspect not found")
@@ -262,8 +261,6 @@ def combine_suspects(suspects: list[Suspect]) -> Suspect:
             deltas[m] = deltas[m] + d if m in deltas else d.clone()
     for m in [m for m in factors if m in deltas]:
         deltas[m] = deltas[m] + sum(u.float() @ d.float() for d, u in factors.pop(m))
-    from .lora_file import _add_factors
-
     return Suspect(
         " + ".join(s.path for s in suspects), "combined",
         factors={m: _add_factors(pairs) for m, pairs in factors.items()}, deltas=deltas,
@@ -273,8 +270,6 @@ def combine_suspects(suspects: list[Suspect]) -> Suspect:
 
 
 def _unet_linear_weights(source: str, modules: list[str], config=None) -> dict[str, torch.Tensor]:
-    from .base_model import load_pipeline
-
     unet = load_pipeline(source, config=config).unet
     out = {}
     for name in modules:
@@ -288,8 +283,6 @@ def _unet_linear_weights(source: str, modules: list[str], config=None) -> dict[s
 def merged_deltas(path, base: str, modules: list[str], *, config=None) -> dict[str, torch.Tensor]:
     """ΔW = W_suspect − W_base for each adapted module present in both models (a single-file suspect takes its
     configs from ``config``, else from ``base`` when that is ``tiny`` or a diffusers folder)."""
-    from .base_model import config_from_base
-
     config = config if config is not None else config_from_base(base)
     w_s = _unet_linear_weights(str(path), modules, config)
     w_b = _unet_linear_weights(base, modules, config)
@@ -317,8 +310,6 @@ def verify_path(
     Several suspect paths are one suspect: the files a user loads together, their ΔW added before the test
     (:func:`combine_suspects`). ``commitment``: the published commitment the key must match (else an error).
     """
-    from .keyfile import check_commitment
-
     key = key if isinstance(key, SealKey) else SealKey.load(key)
     if commitment is not None:
         commitment = check_commitment(key, commitment)

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from seal_diffusion import functional as F
+from seal_diffusion import probe_cache as PC
+from seal_diffusion import probes as P
 from seal_diffusion.keyfile import ModuleKey, SealKey
 from seal_diffusion.verify import sign_flip_neg_log10_p
 
@@ -27,16 +29,16 @@ def fx(owner_training, tmp_path_factory):
     shutil.copy(os.path.join(owner_training["output_dir"], "README.md"), d / "README.md")
     key = SealKey.load(key_path)
     pipe = load_pipeline("tiny")
-    cache = F.owner_cache(key, pipe, key_path=key_path, n_probes=N_PROBES, size=SIZE)
+    cache = PC.owner_cache(key, pipe, key_path=key_path, n_probes=N_PROBES, size=SIZE)
     return dict(dir=d, key_path=str(key_path), key=key, pipe=pipe, cache=cache, lora=owner_training["lora_path"])
 
 
 def _outputs(fx, lora):
-    originals = F.merge_lora_into(fx["pipe"].unet, lora)
+    originals = P.merge_lora_into(fx["pipe"].unet, lora)
     try:
-        return F.suspect_outputs(fx["pipe"].unet, fx["cache"].probes)
+        return P.suspect_outputs(fx["pipe"].unet, fx["cache"].probes)
     finally:
-        F.restore_weights(fx["pipe"].unet, originals)
+        P.restore_weights(fx["pipe"].unet, originals)
 
 
 def test_probes_are_secret_coin_symmetric_and_use_the_instance_prompt(fx):
@@ -44,8 +46,8 @@ def test_probes_are_secret_coin_symmetric_and_use_the_instance_prompt(fx):
     assert cache.probes.prompts[0] == "a photo of sks cat"  # read from the model card beside the key
     swapped = SealKey({n: ModuleKey(m.lora_A, m.lora_B, m.passport_p, m.passport) for n, m in key.modules.items()},
                       key.rank, key.alpha)
-    assert F.probe_secret(swapped) == F.probe_secret(key), "the probes must not depend on the release coin"
-    assert F.probe_secret(key) != hashlib_commitment(key), "the probe seed is not the public commitment"
+    assert P.probe_secret(swapped) == P.probe_secret(key), "the probes must not depend on the release coin"
+    assert P.probe_secret(key) != hashlib_commitment(key), "the probe seed is not the public commitment"
 
 
 def hashlib_commitment(key):
@@ -70,8 +72,8 @@ def test_null_is_exact_over_coin_flips_and_real_decoy_keys(fx):
     nlps = []
     for i in range(60):
         e = torch.randint(0, 2, (cache.n_modules,), generator=gen).double() * 2 - 1
-        flipped = F.OwnerCache(cache.probes, cache.f_mid, cache.directions * e.float().view(-1, 1, 1, 1, 1),
-                               cache.modules, cache.h, cache.commitment, cache.base)
+        flipped = PC.OwnerCache(cache.probes, cache.f_mid, cache.directions * e.float().view(-1, 1, 1, 1, 1),
+                                cache.modules, cache.h, cache.commitment, cache.base)
         d = F.module_stats(flipped, f_rel)
         assert torch.allclose(d, e * d0, rtol=1e-6, atol=1e-9 * float(d0.abs().max()))
         nlps.append(sign_flip_neg_log10_p(d.tolist()))
@@ -86,18 +88,18 @@ def test_null_is_exact_over_coin_flips_and_real_decoy_keys(fx):
         decoy = SealKey({n: ModuleKey(m.lora_A, m.lora_B, torch.randn(m.passport.shape, generator=g) * sigma,
                                       torch.randn(m.passport.shape, generator=g) * sigma)
                          for n, m in key.modules.items()}, key.rank, key.alpha)
-        dc = F.owner_cache(decoy, fx["pipe"], n_probes=2, prompts=cache.probes.prompts[:1] + list(F.GENERIC_PROMPTS),
-                           size=SIZE)
+        dc = PC.owner_cache(decoy, fx["pipe"], n_probes=2, prompts=cache.probes.prompts[:1] + list(P.GENERIC_PROMPTS),
+                            size=SIZE)
         rep = F.functional_test(dc, _outputs_for(fx, dc))
         assert not rep.detected, rep.neg_log10_p
 
 
 def _outputs_for(fx, cache):
-    originals = F.merge_lora_into(fx["pipe"].unet, fx["lora"])
+    originals = P.merge_lora_into(fx["pipe"].unet, fx["lora"])
     try:
-        return F.suspect_outputs(fx["pipe"].unet, cache.probes)
+        return P.suspect_outputs(fx["pipe"].unet, cache.probes)
     finally:
-        F.restore_weights(fx["pipe"].unet, originals)
+        P.restore_weights(fx["pipe"].unet, originals)
 
 
 def _train(out, subject_dir, *extra):
@@ -130,8 +132,8 @@ def test_distilled_copy_escapes_the_weight_test_but_not_the_function_test(fx, tm
     res = distill_lora(fx["lora"], tmp_path / "copy.safetensors", steps=150, rank=4, batch=2, latent_size=16,
                        fidelity_inputs=8)
     assert res.fidelity > 0.5, res.fidelity
-    fp = F.base_fingerprint(fx["pipe"].unet)
-    cache_file = F.cache_path(fx["key_path"], fp)
+    fp = PC.base_fingerprint(fx["pipe"].unet)
+    cache_file = PC.cache_path(fx["key_path"], fp)
     assert cache_file.is_file() and (cache_file.stat().st_mode & 0o777) == 0o600
     mtime = cache_file.stat().st_mtime_ns
     out = tmp_path / "report.json"
@@ -152,13 +154,13 @@ def test_distilled_copy_escapes_the_weight_test_but_not_the_function_test(fx, tm
 
 def test_cache_is_bound_to_key_and_base_and_never_public(fx, tmp_path):
     cache = fx["cache"]
-    fp = F.base_fingerprint(fx["pipe"].unet)
-    path = F.cache_path(fx["key_path"], fp)
-    settings = F._settings(N_PROBES, F.probe_prompts("a photo of sks cat"), F.DEFAULT_H, SIZE)
-    assert F.load_cache(path, cache.commitment, fp, settings) is not None
-    assert F.load_cache(path, "0" * 64, fp, settings) is None  # another key (commitment) → recompute
-    assert F.load_cache(path, cache.commitment, "f" * 64, settings) is None  # another base → recompute
-    assert F.cache_path(fx["key_path"], "f" * 64) != path
+    fp = PC.base_fingerprint(fx["pipe"].unet)
+    path = PC.cache_path(fx["key_path"], fp)
+    settings = PC._settings(N_PROBES, P.probe_prompts("a photo of sks cat"), P.DEFAULT_H, SIZE)
+    assert PC.load_cache(path, cache.commitment, fp, settings) is not None
+    assert PC.load_cache(path, "0" * 64, fp, settings) is None  # another key (commitment) → recompute
+    assert PC.load_cache(path, cache.commitment, "f" * 64, settings) is None  # another base → recompute
+    assert PC.cache_path(fx["key_path"], "f" * 64) != path
     # the public release holds none of it
     from seal_diffusion.fileio import safe_open_keys
 

@@ -12,7 +12,9 @@ from PIL import Image
 
 from seal_diffusion.render import generate
 from seal_diffusion.errors import UserError
-from seal_diffusion.image_check import Challenge, create_challenge, reference_path, use_scheduler, verify_images
+from seal_diffusion.image_challenge import Challenge
+from seal_diffusion.image_check import create_challenge, reference_path, verify_images
+from seal_diffusion.image_sampler import use_scheduler
 from seal_diffusion.verify import sign_flip_neg_log10_p
 
 N, SIZE, STEPS = 12, 32, 4  # small and fast; the CLI defaults are 32 images at the model's size, 10 steps

@@ -306,8 +306,8 @@ def test_sdxl_both_encoders(subject_dir, tmp_path):
 
 
 def test_function_and_image_tests_skip_text_encoder_modules(te_run, tiny_dir):
-    from seal_diffusion.functional import owner_network
-    from seal_diffusion.image_check import PassportLine
+    from seal_diffusion.image_sampler import PassportLine
+    from seal_diffusion.probes import owner_network
 
     key, pipe = te_run["key"], load_pipeline("tiny")
     net = owner_network(pipe.unet, key)

@@ -14,7 +14,8 @@ import gradio as gr
 
 from seal_diffusion.base_model import load_pipeline
 from seal_diffusion.errors import UserError
-from seal_diffusion.functional import DEFAULT_PROBES, verify_both
+from seal_diffusion.functional import verify_both
+from seal_diffusion.probes import DEFAULT_PROBES
 from seal_diffusion.verify import DEFAULT_THRESHOLD
 
 

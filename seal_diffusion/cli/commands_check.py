@@ -9,7 +9,8 @@ from tqdm import tqdm
 from ..dispute import ClaimInput, dispute
 from ..fileio import write_json_atomic, write_text_atomic
 from ..functional import verify_both
-from ..image_check import DEFAULT_GUIDANCE, DEFAULT_N, DEFAULT_STEPS, create_challenge, verify_images
+from ..image_challenge import DEFAULT_GUIDANCE, DEFAULT_N, DEFAULT_STEPS
+from ..image_check import create_challenge, verify_images
 from ..scan import CORRECTION, exit_code, format_table, scan
 from ..verify import verify_path
 

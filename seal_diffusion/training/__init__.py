@@ -21,10 +21,10 @@ Reproducibility: every random draw of a step (data order, crop/flip, noise, time
 generator seeded by (seed, epoch/step, process), never from the global RNG, so resuming from a checkpoint gives the
 same final factors as an uninterrupted run.
 
-The library entry points are :func:`train` (also used by the UI) and :func:`main` (the command line). Where the
-rest is: ``args`` (parser and checks), ``data`` (dataset, sampler), ``loss`` (the passport schedule's loss),
-``checkpoints``, ``validation`` (validation and class images), ``outputs`` (key, public files), ``loop``
-(:func:`train`), ``command`` (:func:`main`). Held-out evaluation is :mod:`seal_diffusion.evaluation`; the
+The library entry points are :func:`train` (also used by the UI) and :func:`main` (the command line). Where the rest is:
+``args`` (parser and checks), ``data`` (dataset, sampler), ``loss`` (the passport schedule's loss), ``checkpoints``,
+``validation`` (validation and class images), ``outputs`` (key, public files; the output folder's checks, the training
+log), ``loop`` (:func:`train`), ``command`` (:func:`main`). Held-out evaluation is :mod:`seal_diffusion.evaluation`; the
 fine-tuning attack is :mod:`seal_diffusion.finetune`.
 """
 

@@ -40,7 +40,7 @@ from .checkpoints import read_checkpoint_passports, read_checkpoint_state, resol
 from .data import DreamBoothDataset, EpochSampler, ImageSet, collate, derived_seed, generator_for
 from .hub import push_public_files
 from .loss import LossSetup, TextEncoding, param_groups
-from .outputs import refuse_to_replace, write_outputs
+from .outputs import check_writable, open_train_log, refuse_to_replace, write_outputs
 from .validation import ensure_class_images, run_validation
 
 TRAIN_LOG = "train_log.jsonl"
@@ -79,7 +79,7 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
     key_path = output_dir / f"{args.output_name}.sealkey"
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output_dir {output_dir}: exists and is not a folder")
-    _check_writable(output_dir)
+    check_writable(output_dir)
     if seal and key_path.exists() and not args.force:
         raise UserError(f"{key_path}: key file already exists; refusing to train over it (pass --force to replace "
                         "it, or choose another --output_name/--output_dir)")
@@ -239,7 +239,7 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
             accelerator.init_trackers("dreambooth-lora", config={
                 k: getattr(args, k) for k in ("rank", "learning_rate", "max_train_steps", "train_batch_size",
                                               "gradient_accumulation_steps", "lr_scheduler")})
-    log_file = _open_train_log(logs_dir / TRAIN_LOG, global_step) if main_proc else None
+    log_file = open_train_log(logs_dir / TRAIN_LOG, global_step) if main_proc else None
 
     progress = tqdm(total=args.max_train_steps, initial=global_step, desc="Steps", disable=not main_proc,
                     dynamic_ncols=True)
@@ -363,31 +363,6 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
         _reset_accelerate_state()
     return result
 
-
-
-def _check_writable(output_dir: Path) -> None:
-    """Fail before training, not after it, when the output folder cannot be made (read-only, a parent is a file)."""
-    parent = output_dir
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"--output_dir {output_dir}: {parent} is a file, so the folder cannot be made")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"--output_dir {output_dir}: {parent} is not writable")
-
-
-def _open_train_log(path: Path, resumed_step: int):
-    """Append to the JSONL log; on resume, first drop entries past the checkpoint (the interrupted run's tail)."""
-    if path.exists():
-        kept = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                if resumed_step and json.loads(line)["step"] <= resumed_step:
-                    kept.append(line)
-            except (ValueError, KeyError, TypeError):
-                continue
-        path.write_text("".join(l + "\n" for l in kept), encoding="utf-8")
-    return open(path, "a", encoding="utf-8")
 
 
 def _network_digest(network) -> str:

@@ -1,9 +1,12 @@
 """What a finished training writes: the private key first (SEAL), then the public files built from it — the kohya
 layout ``NAME.safetensors``, the diffusers layout ``pytorch_lora_weights.safetensors`` and the model card. The public
-files are ordinary LoRA files: C is folded into the factors, nothing names the method."""
+files are ordinary LoRA files: C is folded into the factors, nothing names the method. Also the output folder's
+checks before training (writable, nothing replaced by accident) and the training log's file."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 from ..base_model import is_sdxl
@@ -57,3 +60,27 @@ def write_outputs(network, args, src, output_dir: Path, steps: int, resolution: 
     result.update(after_training(result["key_path"], getattr(args, "timestamp_url", None)))  # NAME.tsq (and .tsr)
     return result
 
+
+def check_writable(output_dir: Path) -> None:
+    """Fail before training, not after it, when the output folder cannot be made (read-only, a parent is a file)."""
+    parent = output_dir
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"--output_dir {output_dir}: {parent} is a file, so the folder cannot be made")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--output_dir {output_dir}: {parent} is not writable")
+
+
+def open_train_log(path: Path, resumed_step: int):
+    """Append to the JSONL log; on resume, first drop entries past the checkpoint (the interrupted run's tail)."""
+    if path.exists():
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if resumed_step and json.loads(line)["step"] <= resumed_step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
+        path.write_text("".join(l + "\n" for l in kept), encoding="utf-8")
+    return open(path, "a", encoding="utf-8")
