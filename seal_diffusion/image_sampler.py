@@ -1,6 +1,7 @@
-"""The image check's differentiable sampler: a challenge rendered as ``StableDiffusionPipeline`` renders it but with
-gradients, the key's passports on the line M + t·D (:class:`PassportLine`), the owner's midpoint images, and every
-module's directional statistic from one backward pass (:mod:`seal_diffusion.image_check` runs the test).
+"""The image check's differentiable sampler: a challenge rendered as ``StableDiffusionPipeline`` or
+``StableDiffusionXLPipeline`` renders it but with gradients, the key's passports on the line M + t·D
+(:class:`PassportLine`), the owner's midpoint images, and every module's directional statistic from one backward pass
+(:mod:`seal_diffusion.image_check` runs the test).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .base_model import is_sdxl
+from .conditioning import Conditioning
 from .errors import UserError
 from .image_challenge import Challenge
 from .keyfile import SealKey
@@ -30,9 +33,30 @@ def use_scheduler(pipe, name: str) -> None:
         pipe.scheduler = cls.from_config(pipe.scheduler.config)
 
 
+def challenge_conditioning(pipe, prompts: list[str], height: int, width: int, cfg: bool) -> Conditioning:
+    """The UNet conditioning ``pipe.__call__`` builds for ``prompts`` at height × width, CFG rows first when ``cfg``.
+
+    SD 1.x: the text hidden states. SDXL (as ``StableDiffusionXLPipeline.__call__``): both encoders' hidden states,
+    the pooled ``text_embeds`` and the time ids original size (H, W) + crop (0, 0) + target size (H, W), made by the
+    pipeline's own ``_get_add_time_ids`` with text_encoder_2's projection dim (which checks them against the UNet)."""
+    device = pipe.unet.device
+    with torch.no_grad():
+        if not is_sdxl(pipe):
+            cond, uncond = pipe.encode_prompt(prompts, device, 1, cfg)
+            return Conditioning(torch.cat([uncond, cond]) if cfg else cond)
+        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
+                                                             do_classifier_free_guidance=cfg)
+    proj = int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
+    ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=embeds.dtype,
+                                 text_encoder_projection_dim=proj).to(device)
+    out = Conditioning(embeds, pooled, ids.expand(len(prompts), -1))
+    return Conditioning.cat([Conditioning(neg, neg_pooled, out.time_ids), out]) if cfg else out
+
+
 def sample(pipe, challenge: Challenge, index: Sequence[int]) -> torch.Tensor:
-    """The challenge entries ``index`` as ``StableDiffusionPipeline`` renders them — same noise (one CPU generator per
-    image), scheduler, CFG and decoding — but differentiable (no ``no_grad``): (k, 3, H, W) in [0, 1]."""
+    """The challenge entries ``index`` as ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` render them —
+    same noise (one CPU generator per image), conditioning, scheduler, CFG and decoding — but differentiable (no
+    ``no_grad``): (k, 3, H, W) in [0, 1]."""
     from diffusers.utils.torch_utils import randn_tensor  # lazy: diffusers is heavy (see use_scheduler)
 
     use_scheduler(pipe, challenge.scheduler)
@@ -40,21 +64,25 @@ def sample(pipe, challenge: Challenge, index: Sequence[int]) -> torch.Tensor:
     prompts = [challenge.prompts[i] for i in index]
     gens = [torch.Generator(device="cpu").manual_seed(int(challenge.seeds[i])) for i in index]
     cfg = challenge.guidance_scale > 1.0
-    with torch.no_grad():
-        cond, uncond = pipe.encode_prompt(prompts, device, 1, cfg)
-    embeds = torch.cat([uncond, cond]) if cfg else cond
+    unet_kwargs = challenge_conditioning(pipe, prompts, challenge.height, challenge.width, cfg).unet_kwargs()
     shape = (len(prompts), pipe.unet.config.in_channels, challenge.height // pipe.vae_scale_factor,
              challenge.width // pipe.vae_scale_factor)
     latents = randn_tensor(shape, generator=gens, device=device, dtype=dtype) * pipe.scheduler.init_noise_sigma
     pipe.scheduler.set_timesteps(challenge.steps, device=device)
     for t in pipe.scheduler.timesteps:
         inp = pipe.scheduler.scale_model_input(torch.cat([latents] * 2) if cfg else latents, t)
-        noise = pipe.unet(inp, t, encoder_hidden_states=embeds, return_dict=False)[0]
+        noise = pipe.unet(inp, t, **unet_kwargs, return_dict=False)[0]
         if cfg:
             n_uncond, n_cond = noise.chunk(2)
             noise = n_uncond + challenge.guidance_scale * (n_cond - n_uncond)
         latents = pipe.scheduler.step(noise, t, latents, return_dict=False)[0]
-    image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    vae = pipe.vae.config  # a VAE with latents_mean/std is unscaled as StableDiffusionXLPipeline does; else / scale
+    if getattr(vae, "latents_mean", None) is not None and getattr(vae, "latents_std", None) is not None:
+        mean, std = (torch.tensor(v).view(1, -1, 1, 1).to(latents) for v in (vae.latents_mean, vae.latents_std))
+        latents = latents * std / vae.scaling_factor + mean
+    else:
+        latents = latents / vae.scaling_factor
+    image = pipe.vae.decode(latents, return_dict=False)[0]
     return (image.float() / 2 + 0.5).clamp(0, 1)
 
 

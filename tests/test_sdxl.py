@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from seal_diffusion.base_model import is_sdxl, load_pipeline, pipeline_class, resolve_base
@@ -225,3 +226,80 @@ def test_plain_lora_on_tiny_xl_loads_in_the_sdxl_pipeline_and_is_not_detected(tm
                   architecture="sdxl_base_v1-0")
     report = verify_path(key, out / "plain.safetensors")
     assert not report.detected and report.n_modules == 560
+
+
+@pytest.mark.parametrize("base", ["tiny", "tiny-xl"])
+def test_image_check_sampler_matches_the_pipeline_for_both_families(base):
+    """The image check's differentiable sampler renders a challenge exactly as the base's own pipeline does — for
+    SDXL (StableDiffusionXLPipeline): both encoders, pooled text_embeds, time ids (H, W, 0, 0, H, W), CFG rows, DDIM,
+    VAE decoding — here at a non-square size, so a swapped height/width in the time ids or the latents would show."""
+    from seal_diffusion.image_challenge import Challenge
+    from seal_diffusion.image_sampler import sample, use_scheduler
+
+    pipe = load_pipeline(base)
+    assert is_sdxl(pipe) == (base == "tiny-xl")
+    ch = Challenge(base, ["a photo of sks cat", "a red car on a street"], [7, 123], steps=3,
+                   guidance_scale=5.0, height=48, width=64, compare_size=16)
+    with torch.no_grad():
+        got = sample(pipe, ch, [0, 1])
+    use_scheduler(pipe, ch.scheduler)
+    want = pipe(ch.prompts, generator=[torch.Generator().manual_seed(s) for s in ch.seeds],
+                num_inference_steps=ch.steps, guidance_scale=ch.guidance_scale, height=ch.height, width=ch.width,
+                output_type="pt").images
+    assert got.shape == want.shape == (2, 3, 48, 64)
+    assert float((got - want).abs().max()) <= 1e-4
+    assert float((got[0] - got[1]).abs().max()) > 1e-2  # the two entries really differ (prompt and seed reach it)
+
+
+def test_image_check_cli_round_trip_on_tiny_xl(tmp_path, monkeypatch):
+    """`challenge` and `verify-images` on a tiny-xl key: the release LoRA loaded in StableDiffusionXLPipeline renders
+    the challenge, the check runs through the SDXL sampler and finds it; the base model's images are not accused.
+    The key is random (small factors, no training): enough for the test's power (−log10 p ≈ 14 with 6 images)."""
+    from PIL import Image
+
+    from seal_diffusion import image_challenge
+    from seal_diffusion.cli import main
+    from seal_diffusion.export import export_lora
+    from seal_diffusion.image_challenge import Challenge
+    from seal_diffusion.image_sampler import use_scheduler
+    from seal_diffusion.keyfile import ModuleKey, SealKey
+    from seal_diffusion.passport import make_passports
+    from seal_diffusion.render import generate
+
+    pipe = load_pipeline("tiny-xl")
+    modules = find_target_modules(pipe.unet)
+    passports = make_passports(list(modules), 4, "image check sdxl")
+    g = torch.Generator().manual_seed(2)
+    key = SealKey({n: ModuleKey(0.05 * torch.randn(4, m.in_features, generator=g),
+                                0.05 * torch.randn(m.out_features, 4, generator=g), *passports[n])
+                   for n, m in modules.items()}, 4, 4.0, "tiny-xl", architecture="sdxl_base_v1-0")
+    key_path = key.save(tmp_path / "xl.sealkey")
+    seeds = iter([11, 22, 33, 44, 55, 66])  # the CLI draws fresh seeds; fixed here so the p-values are reproducible
+    monkeypatch.setattr(image_challenge.secrets, "randbelow", lambda n: next(seeds))
+    assert main(["challenge", "--key", str(key_path), "--base", "tiny-xl", "--out", str(tmp_path / "C.json"),
+                 "--prompt", "a photo of sks cat", "--n", "6", "--steps", "3", "--size", "32"]) == 0
+    ch = Challenge.load(tmp_path / "C.json")
+    assert ch.base_model == "tiny-xl" and (ch.height, ch.width, ch.compare_size) == (32, 32, 16)
+
+    def check(folder) -> tuple[int, dict]:
+        use_scheduler(pipe, ch.scheduler)
+        images = generate(pipe, list(zip(ch.prompts, ch.seeds)), steps=ch.steps, guidance_scale=ch.guidance_scale,
+                          height=ch.height, width=ch.width, batch_size=ch.n)
+        (tmp_path / folder).mkdir()
+        paths = [tmp_path / folder / f"img_{i:03d}.png" for i in range(ch.n)]
+        for path, im in zip(paths, images):
+            Image.fromarray((im * 255).round().astype("uint8")).save(path)
+        out = tmp_path / f"{folder}.json"
+        code = main(["verify-images", "--key", str(key_path), "--challenge", str(tmp_path / "C.json"),
+                     "--json", str(out), *map(str, paths)])
+        return code, json.loads(out.read_text())
+
+    export_lora(key, tmp_path / "release", "diffusers")
+    pipe.load_lora_weights(str(tmp_path / "release"))
+    code, report = check("release_images")
+    assert report["n_images"] == 6 and report["n_modules"] == 560 and report["exact"]
+    assert len(report["per_module"]) == 560 and sum(m["stat"] != 0 for m in report["per_module"]) > 500
+    assert code == 0 and report["detected"] and report["neg_log10_p"] >= 8, report
+    pipe.unload_lora_weights()
+    code, report = check("base_images")
+    assert code == 1 and not report["detected"] and 0 < 10 ** -report["neg_log10_p"] <= 1
