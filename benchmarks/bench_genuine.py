@@ -3,7 +3,7 @@
 Trains N tiny SEAL runs (seeds × ranks 4 and 8 × passport schedules alternate and split; 60 steps each, as the test
 fixture), measures R2's quantities (difference, spread, function, loss gap) for each owner key, forges claims from
 each run's *public* file (pad, nilpotent, outside, flip, optimised; optimised+repel from a random start and from C̃,
-the adaptive forger) and measures them the same way.
+the adaptive forger, which passed R2 in 2 of 2 runs on 2026-12-02: docs/dispute.md) and measures them the same way.
 Prints one row per run and a margin table: the smallest genuine value and the largest forged value of each measure
 against its threshold. Not a timed test; ~1 min per run on a quiet 2-core machine (much more on a loaded one).
 

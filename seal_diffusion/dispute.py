@@ -6,7 +6,9 @@ claimant published (``--commitment``) and the LoRA file the claimant published (
 * **passports** — C and C_p are an acceptable pair (not equal, not identity-like, not correlated);
 * **R1 reproduction** — s·B·C·A reproduces the suspect's ΔW in every module (relative error ≤ 1e-3);
 * **R2 genuine pair** — C_p is a second adapter that differs substantially from C in the directions the LoRA uses,
-  spread over them, and works about as well on the subject (:mod:`seal_diffusion.genuine`; needs ``--data``);
+  spread over them, and works about as well on the subject (:mod:`seal_diffusion.genuine`; needs ``--data``). It
+  rejects the cheap forgeries only: an adaptive forger who fits C̃_p starting next to his C̃ passes it
+  (docs/dispute.md), so between valid claims only the timestamps decide;
 * **commitment** — the key hashes to the value the claimant published (when given; the key's own hash otherwise);
 * **timestamp** — an RFC 3161 reply for that commitment, trusted by ``--ca`` (:mod:`seal_diffusion.timestamp`);
   it dates the claim, it does not make it valid;
@@ -115,14 +117,16 @@ class DisputeReport:
                 "* **R1 reproduction**: the claimant's key, multiplied out, gives exactly the weights of the suspect "
                 "file. Anyone can factor a published file, so this alone proves nothing.",
                 "* **R2 genuine pair**: the key's second passport is a second, different adapter that works about as "
-                "well as the first — what training with two passports produces and what the forgeries we know of "
-                "(padding, null-space perturbation, weak-direction flip, fitted second passport) do not.",
+                "well as the first — what training with two passports produces and what the cheap forgeries "
+                "(padding, null-space perturbation, weak-direction flip, a second passport fitted from scratch) do "
+                "not. It does not stop a forger who fits the second passport starting next to his own first one: "
+                "that forger passed it in our tests, so only the timestamps separate him from the owner.",
                 "* **commitment / timestamp**: the key's SHA-256 and an RFC 3161 timestamp by a third party: proof "
                 "that this exact key existed at that time. The earliest valid, dated claim wins.",
                 "* **verify**: does the key detect the file? Shown for information: a thief's key can detect the "
                 "owner's file too, so detection does not say who came first.",
                 "", "No check can prove who *created* a LoRA; this report shows which key existed first and "
-                "which keys behave like genuinely trained ones (docs/dispute.md)."]
+                "which keys are not one of the cheap forgeries (docs/dispute.md)."]
         return "\n".join(out) + "\n"
 
 
