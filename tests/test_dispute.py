@@ -1,5 +1,6 @@
-"""The dispute: R2 (a genuinely trained pair) rejects every forger class, the owner passes; timestamps decide between
-valid claims; the report's JSON, exit codes and bad input."""
+"""The dispute: R2 (a genuinely trained pair) rejects the structural forgers and a second passport fitted from scratch
+(not the adaptive forger that starts from C̃: docs/dispute.md), the owner passes; timestamps decide between valid
+claims; the report's JSON, exit codes and bad input."""
 
 import hashlib
 import json
