@@ -5,6 +5,7 @@ the base UNet's weights; a cache that does not match is recomputed (:mod:`seal_d
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -14,14 +15,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
-from .base_model import load_pipeline, resolve_base
+from .base_model import config_from_base, load_pipeline
 from .conditioning import Conditioning
 from .errors import UserError
 from .fileio import atomic_write, load_safetensors
 from .keyfile import SealKey
 from .probes import (DEFAULT_H, DEFAULT_PROBES, TIMESTEP_RANGE, Probes, check_probe_size, instance_prompt_near,
                      make_probes, owner_directions, probe_prompts, probe_size)
-from .tiny import tiny_model_dir
 
 CACHE_FORMAT = "sealkey-functional"
 CACHE_VERSION = "1"
@@ -112,19 +112,14 @@ def cached(key: SealKey, unet, key_path, *, n_probes: int = DEFAULT_PROBES, prom
 
 
 def load_unet(base: str, config=None):
-    """Only the base UNet (no text encoder, no transformers import) for a tiny/folder base; else the pipeline's."""
-    src = resolve_base(base)
-    if src.kind in ("tiny", "folder"):
+    """Only the base UNet (no text encoder, no transformers import) for a tiny/tiny-xl/folder base; else the
+    pipeline's (which also explains what is wrong with an unusual folder)."""
+    location = config_from_base(base)
+    if location is not None:
         from diffusers import UNet2DConditionModel  # lazy: diffusers is heavy, and the command line starts without it
 
-        if src.kind == "tiny":
-            location = tiny_model_dir()
-        else:
-            location = src.location
-        try:
+        with contextlib.suppress(Exception):  # an unusual folder: the full loader below says what is wrong
             return UNet2DConditionModel.from_pretrained(location, subfolder="unet", local_files_only=True)
-        except Exception:  # an unusual folder: let the full loader explain what is wrong
-            pass
     return load_pipeline(base, config=config).unet
 
 

@@ -303,3 +303,11 @@ def test_image_check_cli_round_trip_on_tiny_xl(tmp_path, monkeypatch):
     pipe.unload_lora_weights()
     code, report = check("base_images")
     assert code == 1 and not report["detected"] and 0 < 10 ** -report["neg_log10_p"] <= 1
+
+
+def test_function_test_loads_the_family_s_own_unet():
+    """The function-level test's warm-cache path loads the UNet alone: tiny-xl must give the SDXL one, not tiny's."""
+    from seal_diffusion.probe_cache import load_unet
+
+    assert load_unet("tiny-xl").config.addition_embed_type == "text_time"
+    assert load_unet("tiny").config.addition_embed_type is None
