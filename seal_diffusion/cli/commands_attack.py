@@ -10,6 +10,11 @@ from ..distill import distill_lora
 from ..errors import UserError
 from ..lora_file import read_lora
 from ..verify import DEFAULT_THRESHOLD
+from .common import Output, add_force, check_first
+
+# what run_robustness() writes into --out (robustness_report.write_report)
+ROBUSTNESS_FILES = ("report.md", "report.json", "attacks.png", "pruning.png", "finetune.png", "gamma.png",
+                    "innocents.png")
 
 
 def add_attack_command(sub) -> None:
@@ -47,12 +52,19 @@ def add_attack_command(sub) -> None:
                    help="ambiguity: how the fake C_p is made")
     p.add_argument("--gamma", type=float, default=0.5, help="ambiguity gamma: share of the forgery mixed into C_p")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", "--overwrite", dest="overwrite", action="store_true", help="replace an existing output")
+    add_force(p, "an existing OUT")
     p.set_defaults(func=cmd_attack)
+
+
+def _attack_output(args) -> Output:
+    if args.method == "merge-checkpoint" and not str(args.output).endswith(".safetensors"):
+        return Output(args.output, "OUT", folder=True, whole=True, marker="model_index.json")
+    return Output(args.output, "OUT", key=args.method == "ambiguity")
 
 
 def cmd_attack(args) -> int:
     method = args.method
+    check_first(args, _attack_output(args), input=args.input, other=args.other, base=args.base, data=args.data)
     if args.steps is None:
         args.steps = 400 if method == "distill" else 100
     if args.lr is None:
@@ -120,6 +132,7 @@ def add_robustness_command(sub) -> None:
                    "reports fidelity kept, the weight test and the function-level test")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="detection threshold on −log10 p")
     p.add_argument("--seed", type=int, default=0)
+    add_force(p, "the report files of an earlier run in --out")
     p.set_defaults(func=cmd_robustness)
 
 
@@ -138,6 +151,8 @@ def _distill_specs(specs) -> list[tuple[int, int]] | None:
 
 def cmd_robustness(args) -> int:
     from ..robustness import run_robustness  # lazy: it imports training (accelerate, diffusers: ~5 s)
+    check_first(args, Output(args.out, "--out", folder=True, writes=ROBUSTNESS_FILES), key=args.key, lora=args.lora,
+                base=args.base, data=args.data)
 
     bar = tqdm(total=1, desc="robustness", unit="step", dynamic_ncols=True, disable=None)
 

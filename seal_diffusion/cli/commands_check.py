@@ -13,6 +13,7 @@ from ..image_challenge import DEFAULT_GUIDANCE, DEFAULT_N, DEFAULT_STEPS
 from ..image_check import create_challenge, verify_images
 from ..scan import CORRECTION, exit_code, format_table, scan
 from ..verify import verify_path
+from .common import Output, add_force, check_first
 
 
 def add_verify_command(sub) -> None:
@@ -29,6 +30,7 @@ def add_verify_command(sub) -> None:
     p.add_argument("--base", help="base model the suspect was merged into (needed for full models)")
     p.add_argument("--config", help="local diffusers folder with the configs, for single-file models offline")
     p.add_argument("--json", help="write the report as JSON here")
+    add_force(p, "an existing --json file")
     p.add_argument("--threshold", type=float, default=3.3, help="detect when -log10 p >= this (default 3.3, p < 5e-4)")
     p.add_argument("--statistic", default="contrast", choices=["contrast", "correlation"],
                    help="pooled statistic (see docs/verification.md)")
@@ -47,6 +49,7 @@ def add_verify_command(sub) -> None:
 
 
 def cmd_verify(args) -> int:
+    check_first(args, Output(args.json, "--json"), key=args.key, suspect=args.suspect, base=args.base)
     if args.functional:
         report = verify_both(args.key, args.suspect, args.base, threshold=args.threshold, statistic=args.statistic,
                              n_probes=args.probes, prompts=args.prompt, config=args.config,
@@ -56,7 +59,7 @@ def cmd_verify(args) -> int:
                              statistic=args.statistic, config=args.config, commitment=args.commitment)
     print(report.summary())
     if args.json:
-        write_json_atomic(args.json, report.to_json())
+        write_json_atomic(args.json, report.to_json(), overwrite=args.overwrite)
     return 0 if report.detected else 1
 
 
@@ -79,10 +82,12 @@ def add_scan_command(sub) -> None:
                    help="a published commitment (repeat for several keys): every key must match one, or the scan "
                         "is refused")
     p.add_argument("--json", help="write the rows as JSON here")
+    add_force(p, "an existing --json file")
     p.set_defaults(func=cmd_scan)
 
 
 def cmd_scan(args) -> int:
+    check_first(args, Output(args.json, "--json"), key=args.key, suspect=args.paths)
     rows, rate = scan(args.key, args.paths, args.threshold, args.statistic,
                       progress=lambda it: tqdm(it, desc="scanning", unit="file", disable=None),
                       combine=args.combine, commitments=args.commitment)
@@ -93,7 +98,7 @@ def cmd_scan(args) -> int:
     if args.json:
         write_json_atomic(args.json, {"rows": [vars(r) for r in rows], "files_per_s": rate, "correction": CORRECTION,
                                       "n_tests": len(rows), "threshold": args.threshold,
-                                      "commitment_checked": checked})
+                                      "commitment_checked": checked}, overwrite=args.overwrite)
     return exit_code(rows)
 
 
@@ -110,10 +115,12 @@ def add_challenge_command(sub) -> None:
     p.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE, help="CFG (default 7.5)")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's native size)")
     p.add_argument("--compare_size", type=int, default=None, help="side of the comparison grid (default size/2)")
+    add_force(p, "an existing --out challenge")
     p.set_defaults(func=cmd_challenge)
 
 
 def cmd_challenge(args) -> int:
+    check_first(args, Output(args.out, "--out"), key=args.key, base=args.base)
     ch = create_challenge(args.key, args.out, base=args.base, prompt=args.prompt, n=args.n, steps=args.steps,
                           guidance_scale=args.guidance_scale, size=args.size, compare_size=args.compare_size)
     print(f"wrote {args.out}: {ch.n} prompts/seeds, {ch.scheduler} {ch.steps} steps, CFG {ch.guidance_scale:g}, "
@@ -130,15 +137,18 @@ def add_verify_images_command(sub) -> None:
                    "(img_007.png = entry 7, from 0)")
     p.add_argument("--base", default=None, help="base model (default: the challenge's base_model)")
     p.add_argument("--json", default=None, help="write the report as JSON here")
+    add_force(p, "an existing --json file")
     p.add_argument("--threshold", type=float, default=3.3, help="detect when -log10 p >= this (default 3.3)")
     p.set_defaults(func=cmd_verify_images)
 
 
 def cmd_verify_images(args) -> int:
+    check_first(args, Output(args.json, "--json"), key=args.key, challenge=args.challenge, image=args.images,
+                base=args.base)
     report = verify_images(args.key, args.challenge, args.images, base=args.base, threshold=args.threshold)
     print(report.summary())
     if args.json:
-        write_json_atomic(args.json, report.to_json())
+        write_json_atomic(args.json, report.to_json(), overwrite=args.overwrite)
     return 0 if report.detected else 1
 
 
@@ -180,15 +190,20 @@ def add_dispute_command(sub) -> None:
                    "cat')")
     p.add_argument("--json", help="write the report as JSON here")
     p.add_argument("--out", help="write the Markdown report here")
+    add_force(p, "an existing --json/--out report")
     p.set_defaults(func=cmd_dispute, claims=None)
 
 
 def cmd_dispute(args) -> int:
+    claims = args.claims or []
+    check_first(args, Output(args.json, "--json"), Output(args.out, "--out"), suspect=args.suspect,
+                key=[c.key for c in claims], timestamp=[c.timestamp for c in claims], file=[c.file for c in claims],
+                ca=args.ca, base=args.base)
     report = dispute(args.suspect, args.claims, base=args.base, data=args.data, prompt=args.prompt, ca=args.ca,
                      config=args.config)
     print(report.summary())
     if args.json:
-        write_json_atomic(args.json, report.to_json())
+        write_json_atomic(args.json, report.to_json(), overwrite=args.overwrite)
     if args.out:
-        write_text_atomic(args.out, report.markdown())
+        write_text_atomic(args.out, report.markdown(), overwrite=args.overwrite)
     return report.exit_code

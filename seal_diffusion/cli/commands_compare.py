@@ -10,6 +10,9 @@ from ..compare import DEFAULT_GUIDANCE, DEFAULT_SEEDS, DEFAULT_STEPS, DEFAULT_SU
 from ..errors import UserError
 from ..keyfile import SealKey, check_commitment
 from ..sigma_sweep import SWEEP_BATCH, SWEEP_LR, SWEEP_SIGMAS, SWEEP_TRAIN_STEPS, sigma_sweep, sigma_table_md
+from .common import Output, add_force, check_first
+
+COMPARE_FILES = ("grid.png", "images", "compare.md", "compare.json")  # what compare() writes into --out
 
 
 def _seeds(text: str) -> int:
@@ -41,10 +44,19 @@ def add_compare_command(sub) -> None:
     p.add_argument("--real_images", default=None, help="folder of real subject images for CLIP-I / DINO")
     p.add_argument("--commitment", default=None, metavar="HEX",
                    help="the commitment you published: the key is refused unless it matches")
+    add_force(p, "the files of an earlier run in --out")
     p.set_defaults(func=cmd_compare)
 
 
+def sweep_output_names(sigmas) -> tuple[str, ...]:
+    """What sigma_sweep() writes into --out: the bundled subject, one run per σ, the table, JSON and plot."""
+    return ("subject", *(f"sigma_{float(s):g}" for s in sigmas), "sigma_sweep.md", "sigma_sweep.json",
+            "sigma_sweep.png")
+
+
 def cmd_compare(args) -> int:
+    check_first(args, Output(args.out, "--out", folder=True, writes=COMPARE_FILES), key=args.key, base=args.base,
+                real_images=args.real_images, prompts=args.prompts)
     prompts = list(args.prompt)
     if args.prompts:
         prompts += read_prompts(args.prompts, args.subject)
@@ -79,10 +91,13 @@ def add_sigma_sweep_command(sub) -> None:
     p.add_argument("--rank", type=int, default=4, help="LoRA rank")
     p.add_argument("--steps", type=int, default=10, help="inference steps of the evaluation images")
     p.add_argument("--seed", type=int, default=0, help="training seed")
+    add_force(p, "the files of an earlier sweep in --out")
     p.set_defaults(func=cmd_sigma_sweep)
 
 
 def cmd_sigma_sweep(args) -> int:
+    check_first(args, Output(args.out, "--out", folder=True, writes=sweep_output_names(args.sigmas)),
+                base=args.base, data=args.instance_data_dir)
     result = sigma_sweep(args.out, base=args.base, sigmas=args.sigmas, instance_data_dir=args.instance_data_dir,
                          instance_prompt=args.instance_prompt, prompts=args.prompt or None, seeds=args.seeds,
                          train_steps=args.train_steps, learning_rate=args.learning_rate,

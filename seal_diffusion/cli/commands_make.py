@@ -11,7 +11,9 @@ from ..errors import UserError
 from ..export import export_lora
 from ..keyfile import SealKey
 from ..timestamp import stamp_command, stamp_key
+from ..lora_file import DIFFUSERS_WEIGHT_NAME
 from ..tiny import write_tiny_model
+from .common import Output, add_force, check_first
 
 
 def add_demo_command(sub) -> None:
@@ -19,10 +21,12 @@ def add_demo_command(sub) -> None:
     p.add_argument("--out", default="demo-out", help="output folder (summary.md, images, key, LoRAs)")
     p.add_argument("--steps", type=int, default=DEMO_STEPS,
                    help=f"training steps of each LoRA (default {DEMO_STEPS}; more makes the passports' effect clearer)")
+    add_force(p, "the files of an earlier run in a non-empty --out folder")
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args) -> int:
+    check_first(args, Output(args.out, "--out", folder=True))
     result = run_demo(args.out, steps=args.steps)
     print(f"wrote {args.out}/summary.md ({result['seconds']:.0f} s)")
     return 0
@@ -30,12 +34,15 @@ def cmd_demo(args) -> int:
 
 def add_tiny_model_command(sub) -> None:
     p = sub.add_parser("tiny-model", help="write the embedded default model as a diffusers folder")
-    p.add_argument("--out", required=True, help="folder to write (replaced if it exists)")
+    p.add_argument("--out", required=True, help="folder to write (an existing one is replaced only with --force, and "
+                   "only if it is a diffusers model folder)")
     p.add_argument("--xl", action="store_true", help="write tiny-xl, the SDXL-shaped default, instead of tiny")
+    add_force(p, "an existing model folder")
     p.set_defaults(func=cmd_tiny_model)
 
 
 def cmd_tiny_model(args) -> int:
+    check_first(args, Output(args.out, "--out", folder=True, whole=True, marker="model_index.json"))
     out = write_tiny_model(args.out, xl=args.xl)
     cls = "StableDiffusionXLPipeline" if args.xl else "StableDiffusionPipeline"
     print(f"wrote the embedded {'SDXL ' if args.xl else ''}default model to {out} (load with {cls}.from_pretrained)")
@@ -67,6 +74,10 @@ def add_export_command(sub) -> None:
 
 
 def cmd_export(args) -> int:
+    out = Path(args.out)
+    if args.format == "diffusers" and (out.is_dir() or out.suffix == ""):  # a folder: the file inside it
+        out = out / DIFFUSERS_WEIGHT_NAME
+    check_first(args, Output(str(out), "--out"), key=args.key)
     key = SealKey.load(args.key)
     name = args.name or Path(args.out).stem
     path = export_lora(key, args.out, args.format, name, overwrite=args.overwrite)

@@ -6,7 +6,6 @@ checks before training (writable, nothing replaced by accident) and the training
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from ..base_model import is_sdxl
@@ -18,6 +17,7 @@ from ..keyfile import SealKey
 from ..lora_file import DIFFUSERS_WEIGHT_NAME, write_lora
 from ..lora_names import SD_V1, SDXL
 from ..model_card import model_card, public_base_label
+from ..outpaths import probe_writable
 from ..timestamp import after_training
 
 
@@ -62,14 +62,9 @@ def write_outputs(network, args, src, output_dir: Path, steps: int, resolution: 
 
 
 def check_writable(output_dir: Path) -> None:
-    """Fail before training, not after it, when the output folder cannot be made (read-only, a parent is a file)."""
-    parent = output_dir
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"--output_dir {output_dir}: {parent} is a file, so the folder cannot be made")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"--output_dir {output_dir}: {parent} is not writable")
+    """Fail before training, not after it, when the output folder cannot be made (read-only, a parent is a file,
+    ``/proc/…``): a probe file is created and removed (:func:`seal_diffusion.outpaths.probe_writable`)."""
+    probe_writable(output_dir, f"--output_dir {output_dir}")
 
 
 def open_train_log(path: Path, resumed_step: int):
