@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .base_model import load_pipeline
 from .conditioning import Conditioning, encode_text
@@ -64,8 +65,12 @@ def _inputs(gen, n, shape, hidden_pool, sample_latents=None, scheduler=None):
 def distill_lora(lora_path, out, *, base="tiny", rank: int = 4, steps: int = 400, lr: float = 3e-3,
                  batch: int = 4, seed: int = 0, source: str = "random", prompts: list[str] | None = None,
                  n_samples: int = 8, sample_steps: int = 10, config=None, overwrite: bool = False,
-                 fidelity_inputs: int = 32, latent_size: int | None = None, progress=None) -> DistillResult:
+                 fidelity_inputs: int = 32, latent_size: int | None = None, progress=None,
+                 show_progress: bool = False) -> DistillResult:
     """Distil the LoRA at ``lora_path`` into a fresh rank-``rank`` LoRA written to ``out`` (kohya layout).
+
+    ``progress(step, steps)`` is called after every step; ``show_progress`` also draws a tqdm bar on stderr with the
+    loss, like the trainer's (the CLI's ``attack distill``: 400 steps take minutes on a CPU).
 
     ``latent_size``: side of the random training latents (default the model's sample size; smaller is cheaper —
     the UNet is convolutional — and is what the tests use)."""
@@ -104,6 +109,7 @@ def distill_lora(lora_path, out, *, base="tiny", rank: int = 4, steps: int = 400
     net = SealNetwork(unet, rank, passports=None)
     opt = torch.optim.Adam(net.trainable_parameters(), lr=lr)
     loss_v = float("nan")
+    bar = tqdm(total=steps, desc="distill", unit="step", disable=not show_progress, dynamic_ncols=True)
     for step in range(steps):
         lat, t, ehs = _inputs(gen, batch, shape, hidden, sample_latents, scheduler)
         with torch.no_grad():
@@ -113,8 +119,11 @@ def distill_lora(lora_path, out, *, base="tiny", rank: int = 4, steps: int = 400
         loss.backward()
         opt.step()
         loss_v = float(loss.detach())
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_v:.3g}")
         if progress:
             progress(step + 1, steps)
+    bar.close()
     fidelity = fidelity_kept(unet, teacher, net, hidden, (cfg.in_channels, native, native), fidelity_inputs, seed + 7,
                              scheduler, sample_latents)
     factors = {m: (a, b * net.alpha / net.rank) for m, (a, b) in net.factors().items()}

@@ -22,6 +22,12 @@ import torch
 from safetensors.torch import save as st_save
 
 SAI_MODEL_SPEC = "1.0.1"
+# modelspec.implementation as kohya's sai_model_spec.build_metadata writes it: SDXL LoRAs name Stability AI's
+# reference code, SD 1.x/2.x LoRAs "diffusers"
+IMPLEMENTATION = {"sd_v1": "diffusers", "sdxl_base_v1-0": "https://github.com/Stability-AI/generative-models"}
+# words of a DreamBooth prompt that are never its identifier ("a photo of sks dog", "a painting in ohwx style")
+_FRAME_WORDS = frozenset("a an the of in on at by with and or photo photograph picture image painting drawing "
+                         "illustration portrait render style art close-up closeup shot".split())
 PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}  # diffusers name → modelspec name
 
 
@@ -41,12 +47,31 @@ def with_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> d
     return {**metadata, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash}
 
 
+def trigger_word(instance_prompt: str, class_prompt: str | None = None) -> str | None:
+    """The DreamBooth identifier of ``instance_prompt`` ("sks" in "a photo of sks cat"): the first word that is not in
+    ``class_prompt`` (when given: "a photo of cat") nor a framing word (a, photo, of, style…); DreamBooth prompts put
+    the identifier before the class noun. None when nothing is left."""
+    def words(text: str) -> list[str]:
+        return [w.strip(".,;:!?()[]\"'") for w in text.split()]
+
+    known = {w.lower() for w in words(class_prompt or "")}
+    left = [w for w in words(instance_prompt) if w and w.lower() not in _FRAME_WORDS]
+    if known:
+        new = [w for w in left if w.lower() not in known]
+        return new[0] if new else None
+    return left[0] if left else None
+
+
 def training_metadata(*, resolution: int, num_images: int, prompts: dict[str, tuple[str, int]], started_at: float,
-                      finished_at: float | None = None, prediction_type: str = "epsilon") -> dict[str, str]:
+                      finished_at: float | None = None, prediction_type: str = "epsilon",
+                      sd_model_name: str | None = None, unet_lr: float | None = None) -> dict[str, str]:
     """The training facts of one run: ``prompts`` maps a dataset name (``instance``, ``class``) to (prompt, images).
 
     ``ss_tag_frequency`` counts the comma-separated tags of each dataset's prompt once per image, as kohya counts
-    caption tags."""
+    caption tags, plus the instance prompt's trigger word (:func:`trigger_word`) on its own, so that A1111 and LoRA
+    managers, which suggest a LoRA's most frequent tags, offer the word that calls the subject. ``sd_model_name``:
+    the base's public name (hub id or file/folder name, never a local path), kohya's ``ss_sd_model_name``;
+    ``unet_lr``: the UNet's learning rate (``ss_unet_lr``)."""
     finished_at = time.time() if finished_at is None else finished_at
     tags: dict[str, dict[str, int]] = {}
     for dataset, (prompt, n) in prompts.items():
@@ -54,6 +79,11 @@ def training_metadata(*, resolution: int, num_images: int, prompts: dict[str, tu
         for tag in (t.strip() for t in prompt.split(",")):
             if tag:
                 counts[tag] = counts.get(tag, 0) + n
+        if dataset == "instance":
+            class_prompt = prompts.get("class", (None, 0))[0]
+            word = trigger_word(prompt, class_prompt)
+            if word and word not in counts:
+                counts[word] = n
     date = datetime.fromtimestamp(int(finished_at), tz=timezone.utc).replace(tzinfo=None).isoformat()
     return {
         "ss_resolution": f"({resolution}, {resolution})",
@@ -64,4 +94,6 @@ def training_metadata(*, resolution: int, num_images: int, prompts: dict[str, tu
         "modelspec.date": date,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.prediction_type": PREDICTION_TYPES.get(prediction_type, prediction_type),
+        **({"ss_sd_model_name": sd_model_name} if sd_model_name else {}),
+        **({"ss_unet_lr": str(float(unet_lr))} if unet_lr is not None else {}),
     }

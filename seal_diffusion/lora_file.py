@@ -28,7 +28,7 @@ from .errors import UserError
 from .fileio import load_safetensors, save_safetensors_atomic
 from .lora_names import (ARCHITECTURE_METADATA, SD_V1, candidate_names, is_text_encoder_module,  # noqa: F401
                          kohya_names, kohya_stem, ldm_names)
-from .kohya_meta import SAI_MODEL_SPEC, with_hashes
+from .kohya_meta import IMPLEMENTATION, SAI_MODEL_SPEC, with_hashes
 
 LAYOUTS = ("diffusers", "kohya")
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -175,7 +175,7 @@ def lora_tensors(
         **ARCHITECTURE_METADATA[architecture],
         "ss_output_name": name,
         "modelspec.sai_model_spec": SAI_MODEL_SPEC,
-        "modelspec.implementation": "diffusers",
+        "modelspec.implementation": IMPLEMENTATION[architecture],
         "modelspec.title": name,
     }
     return tensors, metadata

@@ -26,7 +26,8 @@ from seal_diffusion.training.data import ImageSet
 
 NEW_FIELDS = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.date", "modelspec.resolution",
               "modelspec.prediction_type", "modelspec.implementation", "ss_resolution", "ss_num_train_images",
-              "ss_training_started_at", "ss_training_finished_at", "ss_tag_frequency")
+              "ss_training_started_at", "ss_training_finished_at", "ss_tag_frequency", "ss_sd_model_name",
+              "ss_unet_lr")
 
 
 def _owner_files(owner_training) -> dict[str, Path]:
@@ -82,7 +83,9 @@ def test_kohya_metadata_is_complete_computed_as_kohya_and_leaks_nothing(owner_tr
     assert meta["modelspec.sai_model_spec"] == "1.0.1" and meta["modelspec.implementation"] == "diffusers"
     assert meta["ss_resolution"] == "(64, 64)" and meta["modelspec.resolution"] == "64x64"
     assert meta["modelspec.prediction_type"] == "epsilon" and meta["ss_num_train_images"] == "8"
-    assert json.loads(meta["ss_tag_frequency"]) == {"instance": {"a photo of sks cat": 8}}
+    # the trigger word on its own too: A1111 suggests a LoRA's most frequent tags
+    assert json.loads(meta["ss_tag_frequency"]) == {"instance": {"a photo of sks cat": 8, "sks": 8}}
+    assert meta["ss_sd_model_name"] == "tiny" and float(meta["ss_unet_lr"]) == 2e-3
     started, finished = float(meta["ss_training_started_at"]), float(meta["ss_training_finished_at"])
     assert 0 < finished - started < 3600
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", meta["modelspec.date"])
@@ -232,3 +235,28 @@ def test_hub_upload_refuses_private_files_and_flags_fail_clearly(tmp_path):
         assert parse_args(base + ["--use_8bit_adam"]).use_8bit_adam
     assert parse_args(base).max_train_steps == 300
     assert parse_args(base + ["--num_train_epochs", "2"]).max_train_steps is None  # set from the data at train time
+
+
+def test_kohya_implementation_field_follows_the_family_as_kohya_writes_it(tmp_path):
+    """kohya's sai_model_spec: SDXL LoRAs name Stability AI's generative-models, SD 1.x LoRAs "diffusers"."""
+    import torch
+
+    from seal_diffusion.lora_file import write_lora
+    from seal_diffusion.lora_names import SD_V1, SDXL
+
+    factors = {"down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": (torch.ones(2, 8), torch.ones(8, 2))}
+    found = {arch: read_lora(write_lora(factors, tmp_path / f"{arch}.safetensors", "kohya", architecture=arch))
+             .metadata["modelspec.implementation"] for arch in (SD_V1, SDXL)}
+    assert found == {SD_V1: "diffusers", SDXL: "https://github.com/Stability-AI/generative-models"}
+
+
+@pytest.mark.parametrize("prompt, class_prompt, word", [
+    ("a photo of sks cat", None, "sks"), ("sks dog", None, "sks"), ("a painting in ohwx style", None, "ohwx"),
+    ("a photo of zwx person", "a photo of person", "zwx"), ("portrait of tok, oil", "portrait of oil", "tok")])
+def test_trigger_word_of_a_dreambooth_prompt(prompt, class_prompt, word):
+    from seal_diffusion.kohya_meta import training_metadata, trigger_word
+
+    assert trigger_word(prompt, class_prompt) == word
+    prompts = {"instance": (prompt, 3), **({"class": (class_prompt, 5)} if class_prompt else {})}
+    tags = json.loads(training_metadata(resolution=64, num_images=3, prompts=prompts, started_at=0.0)["ss_tag_frequency"])
+    assert tags["instance"][word] == 3 and word not in tags.get("class", {})

@@ -72,7 +72,7 @@ def cmd_attack(args) -> int:
     if method == "distill":
         res = distill_lora(args.input, args.output, base=args.base or "tiny", rank=args.rank or 4, steps=args.steps,
                            lr=args.lr, seed=args.seed, source=args.source, config=args.config,
-                           overwrite=args.overwrite)
+                           overwrite=args.overwrite, show_progress=True)
         print(f"distill: wrote {res.path} (rank {res.rank}, {res.steps} steps; fidelity kept {res.fidelity:.3f})")
         return 0
     if method == "merge-checkpoint":

@@ -34,6 +34,7 @@ from ..conditioning import encode_text
 from ..evaluation import default_resolution, training_noise_scheduler, vae_scale_factor
 from ..images import scan_image_dir
 from ..kohya_meta import training_metadata
+from ..model_card import public_base_label
 from ..network import SealNetwork, target_modules, text_encoders_of
 from .args import check_args, warn
 from .checkpoints import read_checkpoint_passports, read_checkpoint_state, resolve_checkpoint, save_checkpoint
@@ -329,7 +330,8 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
         if class_set is not None:
             datasets["class"] = (args.class_prompt, len(class_set))
         facts = training_metadata(resolution=resolution, num_images=len(instance_set), prompts=datasets,
-                                  started_at=t_start, prediction_type=noise_scheduler.config.prediction_type)
+                                  started_at=t_start, prediction_type=noise_scheduler.config.prediction_type,
+                                  sd_model_name=public_base_label(src), unet_lr=args.learning_rate)
         if train_te:  # kohya's field: the text encoder's learning rate (the model card shows the rates anyway)
             facts["ss_text_encoder_lr"] = str(args.text_encoder_lr or args.learning_rate)
         result = write_outputs(network, args, src, output_dir, global_step, resolution, facts)
