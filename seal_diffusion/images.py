@@ -42,8 +42,10 @@ def scan_image_dir(folder: str | os.PathLike, arg: str, warn: Callable[[str], No
     return images
 
 
-def load_image(path: Path, resolution: int, warn: Callable[[str], None] = _warn):
-    """Decode ``path`` to RGB and resize it so its shorter side is ``resolution`` (corrupt → UserError)."""
+def load_image(path: Path, resolution: int, warn: Callable[[str], None] = _warn,
+               resample=Image.Resampling.BILINEAR):
+    """Decode ``path`` to RGB and resize it so its shorter side is ``resolution`` with the PIL filter ``resample``
+    (the trainer's ``--image_interpolation_mode``) (corrupt → UserError)."""
     try:
         with Image.open(path) as im:
             im.draft("RGB", (resolution, resolution))  # JPEG: decode at reduced size (huge photos)
@@ -60,7 +62,7 @@ def load_image(path: Path, resolution: int, warn: Callable[[str], None] = _warn)
     scale = resolution / min(w, h)
     size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
     if size != (w, h):
-        im = im.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+        im = im.resize(size, resample, reducing_gap=3.0)
     return im
 
 

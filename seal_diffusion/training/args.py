@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..lora_file import read_lora
+from .compat import add_compat_args, check_compat
 
 PROG = "train_dreambooth_seal.py"
 _prog = [PROG]  # the name warnings and usage carry: `seal-diffusion train` when run through the CLI
@@ -149,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--report_to", default=None,
                    help="tensorboard, wandb, all or none (default: tensorboard when installed, else none)")
     g.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    add_compat_args(p)
     return p
 
 
@@ -230,6 +232,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         need(args.sample_batch_size >= 1, f"--sample_batch_size {args.sample_batch_size}: must be ≥ 1")
         need(args.num_class_inference_steps >= 1,
              f"--num_class_inference_steps {args.num_class_inference_steps}: must be ≥ 1")
+    check_compat(args, need)
     if args.report_to not in (None, "none", "tensorboard", "wandb", "all"):
         raise UserError(f"--report_to {args.report_to!r}: expected tensorboard, wandb, all or none")
     return args

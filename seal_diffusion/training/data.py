@@ -37,15 +37,17 @@ class ImageSet:
     Unreadable files (truncated, corrupt) are skipped with one warning that lists them; only a folder with no
     readable image left is an error (``arg`` names it)."""
 
-    def __init__(self, files: list[Path], resolution: int, warn: Callable[[str], None] = warn, arg: str = "images"):
+    def __init__(self, files: list[Path], resolution: int, warn: Callable[[str], None] = warn, arg: str = "images",
+                 resample=None):
         self.resolution = resolution
+        self.resample = resample  # PIL filter of the resize (--image_interpolation_mode); None: bilinear
         self.warn = warn
         self._cache: dict[int, object] = {}
         keep = len(files) <= MAX_CACHED_IMAGES
         good, bad = [], []
         for f in files:  # decode everything now: a corrupt file is found before any training
             try:
-                im = load_image(f, resolution, warn)
+                im = self._load(f)
             except UserError as exc:
                 bad.append((f, exc))
                 continue
@@ -64,7 +66,12 @@ class ImageSet:
         return len(self.files)
 
     def image(self, i: int):
-        return self._cache[i] if i in self._cache else load_image(self.files[i], self.resolution, self.warn)
+        return self._cache[i] if i in self._cache else self._load(self.files[i])
+
+    def _load(self, path: Path):
+        if self.resample is None:
+            return load_image(path, self.resolution, self.warn)
+        return load_image(path, self.resolution, self.warn, resample=self.resample)
 
 
 class EpochSampler(torch.utils.data.Sampler):

@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .. import passport as passports_mod
 from ..attacks import init_from_lora
-from ..base_model import load_pipeline, resolve_base
+from ..base_model import is_sdxl, load_pipeline, resolve_base
 from ..errors import UserError
 from ..conditioning import encode_text
 from ..evaluation import default_resolution, training_noise_scheduler, vae_scale_factor
@@ -37,6 +38,7 @@ from ..kohya_meta import training_metadata
 from ..model_card import public_base_label
 from ..network import SealNetwork, target_modules, text_encoders_of
 from .args import check_args, warn
+from . import compat
 from .checkpoints import read_checkpoint_passports, read_checkpoint_state, resolve_checkpoint, save_checkpoint
 from .data import DreamBoothDataset, EpochSampler, ImageSet, collate, derived_seed, generator_for
 from .hub import push_public_files
@@ -128,18 +130,23 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
     pipe = load_pipeline(src, config=args.config, allow_pickle=args.allow_pickle, revision=args.revision,
                          variant=getattr(args, "variant", None))
     unet, vae = pipe.unet, pipe.vae
+    compat.apply_to_pipeline(args, pipe, accelerator.device, warn_main)  # --tokenizer_name, xformers, warnings
+    if compat.custom_text_encoding(args) and is_sdxl(pipe):
+        raise UserError("--tokenizer_max_length/--text_encoder_use_attention_mask: SD 1.x bases only (as in diffusers)")
     resolution = args.resolution or default_resolution(pipe)
     if resolution % vae_scale_factor(vae):
         raise UserError(f"--resolution {resolution}: must be a multiple of {vae_scale_factor(vae)} for this VAE")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
 
-    instance_set = ImageSet(instance_files, resolution, warn_main, f"--instance_data_dir {args.instance_data_dir}")
+    resample = compat.resample_filter(args)
+    instance_set = ImageSet(instance_files, resolution, warn_main, f"--instance_data_dir {args.instance_data_dir}",
+                            resample)
     class_set = None
     if args.with_prior_preservation:
         ensure_class_images(args, pipe, accelerator, seed)
         class_set = ImageSet(scan_image_dir(args.class_data_dir, "--class_data_dir", warn_main), resolution, warn_main,
-                             f"--class_data_dir {args.class_data_dir}")
+                             f"--class_data_dir {args.class_data_dir}", resample)
 
     # -- passports ------------------------------------------------------------------------------------------------
     train_te = bool(getattr(args, "train_text_encoder", False))
@@ -172,8 +179,10 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
     # SD 1.x: the text encoder's hidden states; SDXL: both encoders', the pooled embedding and the size/crop time ids
     # (--train_text_encoder: encoded again every step, with grad through the adapted encoders; these are unused then)
     with torch.no_grad():
-        instance_emb = encode_text(pipe, args.instance_prompt, device, size=resolution)
-        class_emb = encode_text(pipe, args.class_prompt, device, size=resolution) if args.with_prior_preservation else None
+        encode = (lambda p: compat.encode_prompt_ids(pipe, p, device, args)) if compat.custom_text_encoding(args) \
+            else (lambda p: encode_text(pipe, p, device, size=resolution))
+        instance_emb = encode(args.instance_prompt)
+        class_emb = encode(args.class_prompt) if args.with_prior_preservation else None
     if not args.validation_prompt and not train_te:
         for te in text_encoders:
             te.to("cpu")
@@ -181,7 +190,7 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
         unet.enable_gradient_checkpointing()
     torch.manual_seed(derived_seed(seed, "init") % (2**32))
     network = SealNetwork(unet, args.rank, args.alpha, passports, generator=init_gen,  # fp32, on the models' device
-                          text_encoders=adapted_encoders)
+                          text_encoders=adapted_encoders, dropout=getattr(args, "lora_dropout", 0.0))
     network.secret_kdf = secret_kdf  # the passphrase's salt: only into the private key and checkpoint state
     if getattr(args, "init_lora", None):
         init_from_lora(network, args.init_lora)  # a resumed run's checkpoint overrides these factors later
@@ -215,7 +224,8 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
                                   eps=args.adam_epsilon)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes,
+                                 **compat.scheduler_kwargs(args))
     model, optimizer, loader, lr_scheduler = accelerator.prepare(network, optimizer, loader, lr_scheduler)
     noise_scheduler = training_noise_scheduler(pipe)
 
@@ -241,6 +251,12 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
                 k: getattr(args, k) for k in ("rank", "learning_rate", "max_train_steps", "train_batch_size",
                                               "gradient_accumulation_steps", "lr_scheduler")})
     log_file = open_train_log(logs_dir / TRAIN_LOG, global_step) if main_proc else None
+    if main_proc:
+        compat.running_training_summary(
+            num_examples=len(dataset), batches_per_epoch=batches_per_epoch, num_epochs=num_epochs,
+            batch_size=args.train_batch_size, accumulation=args.gradient_accumulation_steps,
+            total_batch_size=args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+            max_steps=args.max_train_steps)
 
     progress = tqdm(total=args.max_train_steps, initial=global_step, desc="Steps", disable=not main_proc,
                     dynamic_ncols=True)
@@ -259,7 +275,7 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
     step_setup = LossSetup(network, vae, noise_scheduler, instance_emb, class_emb, args.prior_loss_weight,
                             args.passport_schedule if seal else None, dataset.latent_cache is not None, device,
                             weight_dtype, TextEncoding(pipe, args.instance_prompt, args.class_prompt, resolution)
-                            if train_te else None)
+                            if train_te else None, class_labels=bool(getattr(args, "class_labels_conditioning", None)))
     try:
         for epoch in range(first_epoch, num_epochs):
             sampler.use_epoch(epoch)
@@ -288,7 +304,9 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
                 progress.update(1)
                 progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
                 if main_proc:
-                    log_file.write(json.dumps({"step": global_step, "loss": step_loss, "lr": lr}) + "\n")
+                    log_file.write(json.dumps({"step": global_step, "loss": step_loss, "lr": lr,
+                                               "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                                               "elapsed_s": round(time.time() - t_start, 3)}) + "\n")
                     log_file.flush()
                     if report_to:
                         accelerator.log({"loss": step_loss, "lr": lr}, step=global_step)
@@ -317,6 +335,7 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
         if log_file is not None:
             log_file.close()
 
+    network.eval()  # training is over: no --lora_dropout from here on (validation, export)
     train_seconds = time.time() - t_loop
     accelerator.wait_for_everyone()
     if accelerator.num_processes > 1:

@@ -67,6 +67,7 @@ class LossSetup:
     device: torch.device
     weight_dtype: torch.dtype
     text: TextEncoding | None = None  # set with --train_text_encoder; else the fixed embeddings above are used
+    class_labels: bool = False  # --class_labels_conditioning timesteps: the timesteps as the UNet's class_labels
 
     def loss(self, model, batch: dict, gen: torch.Generator, global_step: int) -> torch.Tensor:
         inst, cls = batch["instance"], batch.get("class")
@@ -96,8 +97,9 @@ class LossSetup:
         if self.text is None and self.class_emb is not None:  # prior samples take the class prompt's conditioning
             idx = torch.where(is_prior, 1, 0).to(cond.encoder_hidden_states.device)
             cond = Conditioning.cat([self.instance_emb, self.class_emb]).index(idx)
+        extra = {"class_labels": timesteps} if self.class_labels else {}
         pred = model(noisy.to(self.weight_dtype), timesteps, **cond.to(dtype=self.weight_dtype).unet_kwargs(),
-                     return_dict=False)[0]
+                     **extra, return_dict=False)[0]
         target = denoising_target(self.noise_scheduler, latents, noise, timesteps)
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         loss = per_sample[~is_prior].mean()

@@ -12,6 +12,7 @@ import torch
 from ..errors import UserError
 from ..fileio import atomic_write
 from ..images import IMAGE_SUFFIXES
+from .compat import prior_autocast
 from .data import generator_for
 
 
@@ -33,7 +34,8 @@ def _save_png(image, path: Path) -> Path:
 
 
 def ensure_class_images(args, pipe, accelerator, seed: int) -> None:
-    """Generate the missing class images into --class_data_dir (main process; the others wait)."""
+    """Generate the missing class images into --class_data_dir (main process; the others wait), in the precision of
+    --prior_generation_precision (fp16/bf16: under autocast; default fp16 on a GPU, else fp32, as diffusers)."""
     class_dir = Path(args.class_data_dir).expanduser()
     if accelerator.is_main_process:
         if class_dir.exists() and not class_dir.is_dir():
@@ -45,7 +47,8 @@ def ensure_class_images(args, pipe, accelerator, seed: int) -> None:
             print(f"generating {missing} class images for {args.class_prompt!r} into {class_dir}", file=sys.stderr)
             pipe.to(accelerator.device)
             images = generate_images(pipe, args.class_prompt, missing, seed, "class-images",
-                                     args.num_class_inference_steps, args.sample_batch_size, accelerator.autocast)
+                                     args.num_class_inference_steps, args.sample_batch_size,
+                                     prior_autocast(args, accelerator.device) or accelerator.autocast)
             for i, im in enumerate(images):
                 digest = hashlib.sha1(im.tobytes()).hexdigest()[:12]
                 _save_png(im, class_dir / f"{len(have) + i:05d}-{digest}.png")
@@ -54,13 +57,15 @@ def ensure_class_images(args, pipe, accelerator, seed: int) -> None:
 
 def run_validation(pipe, network, args, seed: int, tag: str, out_dir: Path, autocast) -> list[str]:
     mode = "C" if network.is_seal else "identity"
-    was_training = pipe.unet.training
+    was_training, net_training = pipe.unet.training, network.training
     pipe.unet.eval()
+    network.eval()  # no --lora_dropout while generating
     try:
         with network.passport(mode):
             images = generate_images(pipe, args.validation_prompt, args.num_validation_images, seed, "validation",
                                      args.validation_inference_steps, args.num_validation_images, autocast)
     finally:
         pipe.unet.train(was_training)
+        network.train(net_training)
     return [str(_save_png(im, out_dir / f"{tag}-{i:02d}.png")) for i, im in enumerate(images)]
 
