@@ -183,3 +183,12 @@ def test_force_replaces_a_report(tmp_path, capsys):
                       capsys)
     assert rc == 0, err
     assert '"detected": true' in out.read_text()
+
+
+def test_train_output_dir_that_cannot_be_made_fails_before_loading_the_model(subject_dir, capsys):
+    """os.access says yes to root on /proc; the probe file does not."""
+    rc = cli_main(["train", "--instance_data_dir", str(subject_dir), "--instance_prompt", "a photo of sks cat",
+                   "--output_dir", IMPOSSIBLE, "--max_train_steps", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--output_dir /proc/x/out: cannot write there" in err, err
+    assert "Running training" not in err
