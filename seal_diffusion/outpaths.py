@@ -92,7 +92,8 @@ def probe_writable(folder: Path, label: str) -> None:
     while not os.path.lexists(existing) and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise UserError(f"{label}: {existing} is not a folder, so nothing can be written under it")
+        kind = "a file, not a folder" if existing.is_file() else "not a folder"
+        raise UserError(f"{label}: {existing} is {kind}, so nothing can be written under it")
     made: list[Path] = []
     try:
         missing = []

@@ -166,7 +166,7 @@ def test_probe_leaves_nothing_behind(tmp_path):
     probe_writable(deep, "--out")
     assert list(tmp_path.iterdir()) == []  # the folders made for the probe are gone again
     (tmp_path / "file").write_text("x")
-    with pytest.raises(UserError, match="is not a folder"):
+    with pytest.raises(UserError, match="is a file, not a folder"):
         probe_writable(tmp_path / "file" / "sub", "--out")
     assert check_outputs(Output(None, "--json"), Output(str(tmp_path / "new.json"), "--json")) == \
         [None, tmp_path / "new.json"]
