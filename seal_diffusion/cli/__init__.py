@@ -8,6 +8,10 @@ dispute), :mod:`.commands_attack` (attack, robustness) and :mod:`.commands_compa
 stays light: a command whose library imports accelerate, diffusers or gradio (train, robustness, the fine-tune
 attack, ui) imports it when it runs, so that ``verify`` or ``--help`` does not wait for them
 (``tests/test_imports.py`` checks it).
+
+A command that writes files sets ``check`` beside ``func`` (``p.set_defaults(func=cmd_x, check=check_x)``):
+:func:`main` runs it first, so a bad or existing output path (:mod:`seal_diffusion.outpaths`) stops the command in
+well under a second, before it imports diffusers, loads a model or renders anything.
 """
 
 from __future__ import annotations
@@ -68,8 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    quiet_libraries()
     try:
+        if getattr(args, "check", None):  # every output path, before anything slow (even the library imports)
+            args.check(args)
+        quiet_libraries()
         return int(args.func(args) or 0)
     except UserError as exc:
         if args.debug:

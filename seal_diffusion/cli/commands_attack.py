@@ -53,7 +53,7 @@ def add_attack_command(sub) -> None:
     p.add_argument("--gamma", type=float, default=0.5, help="ambiguity gamma: share of the forgery mixed into C_p")
     p.add_argument("--seed", type=int, default=0)
     add_force(p, "an existing OUT")
-    p.set_defaults(func=cmd_attack)
+    p.set_defaults(func=cmd_attack, check=check_attack)
 
 
 def _attack_output(args) -> Output:
@@ -62,9 +62,13 @@ def _attack_output(args) -> Output:
     return Output(args.output, "OUT", key=args.method == "ambiguity")
 
 
+def check_attack(args) -> None:
+    """Every output path checked before any work (run by the CLI before the command)."""
+    check_first(args, _attack_output(args), input=args.input, other=args.other, base=args.base, data=args.data)
+
+
 def cmd_attack(args) -> int:
     method = args.method
-    check_first(args, _attack_output(args), input=args.input, other=args.other, base=args.base, data=args.data)
     if args.steps is None:
         args.steps = 400 if method == "distill" else 100
     if args.lr is None:
@@ -133,7 +137,7 @@ def add_robustness_command(sub) -> None:
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="detection threshold on −log10 p")
     p.add_argument("--seed", type=int, default=0)
     add_force(p, "the report files of an earlier run in --out")
-    p.set_defaults(func=cmd_robustness)
+    p.set_defaults(func=cmd_robustness, check=check_robustness)
 
 
 def _distill_specs(specs) -> list[tuple[int, int]] | None:
@@ -149,10 +153,14 @@ def _distill_specs(specs) -> list[tuple[int, int]] | None:
     return out
 
 
-def cmd_robustness(args) -> int:
-    from ..robustness import run_robustness  # lazy: it imports training (accelerate, diffusers: ~5 s)
+def check_robustness(args) -> None:
+    """Every output path checked before any work (run by the CLI before the command)."""
     check_first(args, Output(args.out, "--out", folder=True, writes=ROBUSTNESS_FILES), key=args.key, lora=args.lora,
                 base=args.base, data=args.data)
+
+
+def cmd_robustness(args) -> int:
+    from ..robustness import run_robustness  # lazy: it imports training (accelerate, diffusers: ~5 s)
 
     bar = tqdm(total=1, desc="robustness", unit="step", dynamic_ncols=True, disable=None)
 

@@ -45,11 +45,15 @@ def add_verify_command(sub) -> None:
                    "instance prompt of a README.md beside the key, plus generic prompts)")
     g.add_argument("--no-cache", action="store_true",
                    help="do not read or write the private probe cache beside the key")
-    p.set_defaults(func=cmd_verify)
+    p.set_defaults(func=cmd_verify, check=check_verify)
+
+
+def check_verify(args) -> None:
+    """Every output path checked before any work (run by the CLI before the command)."""
+    check_first(args, Output(args.json, "--json"), key=args.key, suspect=args.suspect, base=args.base)
 
 
 def cmd_verify(args) -> int:
-    check_first(args, Output(args.json, "--json"), key=args.key, suspect=args.suspect, base=args.base)
     if args.functional:
         report = verify_both(args.key, args.suspect, args.base, threshold=args.threshold, statistic=args.statistic,
                              n_probes=args.probes, prompts=args.prompt, config=args.config,
@@ -83,11 +87,15 @@ def add_scan_command(sub) -> None:
                         "is refused")
     p.add_argument("--json", help="write the rows as JSON here")
     add_force(p, "an existing --json file")
-    p.set_defaults(func=cmd_scan)
+    p.set_defaults(func=cmd_scan, check=check_scan)
+
+
+def check_scan(args) -> None:
+    """Every output path checked before any work (run by the CLI before the command)."""
+    check_first(args, Output(args.json, "--json"), key=args.key, suspect=args.paths)
 
 
 def cmd_scan(args) -> int:
-    check_first(args, Output(args.json, "--json"), key=args.key, suspect=args.paths)
     rows, rate = scan(args.key, args.paths, args.threshold, args.statistic,
                       progress=lambda it: tqdm(it, desc="scanning", unit="file", disable=None),
                       combine=args.combine, commitments=args.commitment)
@@ -116,11 +124,15 @@ def add_challenge_command(sub) -> None:
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's native size)")
     p.add_argument("--compare_size", type=int, default=None, help="side of the comparison grid (default size/2)")
     add_force(p, "an existing --out challenge")
-    p.set_defaults(func=cmd_challenge)
+    p.set_defaults(func=cmd_challenge, check=check_challenge)
+
+
+def check_challenge(args) -> None:
+    """Every output path checked before any work (run by the CLI before the command)."""
+    check_first(args, Output(args.out, "--out"), key=args.key, base=args.base)
 
 
 def cmd_challenge(args) -> int:
-    check_first(args, Output(args.out, "--out"), key=args.key, base=args.base)
     ch = create_challenge(args.key, args.out, base=args.base, prompt=args.prompt, n=args.n, steps=args.steps,
                           guidance_scale=args.guidance_scale, size=args.size, compare_size=args.compare_size)
     print(f"wrote {args.out}: {ch.n} prompts/seeds, {ch.scheduler} {ch.steps} steps, CFG {ch.guidance_scale:g}, "
@@ -139,12 +151,16 @@ def add_verify_images_command(sub) -> None:
     p.add_argument("--json", default=None, help="write the report as JSON here")
     add_force(p, "an existing --json file")
     p.add_argument("--threshold", type=float, default=3.3, help="detect when -log10 p >= this (default 3.3)")
-    p.set_defaults(func=cmd_verify_images)
+    p.set_defaults(func=cmd_verify_images, check=check_verify_images)
+
+
+def check_verify_images(args) -> None:
+    """Every output path checked before any work (run by the CLI before the command)."""
+    check_first(args, Output(args.json, "--json"), key=args.key, challenge=args.challenge, image=args.images,
+                base=args.base)
 
 
 def cmd_verify_images(args) -> int:
-    check_first(args, Output(args.json, "--json"), key=args.key, challenge=args.challenge, image=args.images,
-                base=args.base)
     report = verify_images(args.key, args.challenge, args.images, base=args.base, threshold=args.threshold)
     print(report.summary())
     if args.json:
@@ -191,14 +207,18 @@ def add_dispute_command(sub) -> None:
     p.add_argument("--json", help="write the report as JSON here")
     p.add_argument("--out", help="write the Markdown report here")
     add_force(p, "an existing --json/--out report")
-    p.set_defaults(func=cmd_dispute, claims=None)
+    p.set_defaults(func=cmd_dispute, check=check_dispute, claims=None)
 
 
-def cmd_dispute(args) -> int:
+def check_dispute(args) -> None:
+    """Every output path checked before any work (run by the CLI before the command)."""
     claims = args.claims or []
     check_first(args, Output(args.json, "--json"), Output(args.out, "--out"), suspect=args.suspect,
                 key=[c.key for c in claims], timestamp=[c.timestamp for c in claims], file=[c.file for c in claims],
                 ca=args.ca, base=args.base)
+
+
+def cmd_dispute(args) -> int:
     report = dispute(args.suspect, args.claims, base=args.base, data=args.data, prompt=args.prompt, ca=args.ca,
                      config=args.config)
     print(report.summary())

@@ -45,7 +45,7 @@ def add_compare_command(sub) -> None:
     p.add_argument("--commitment", default=None, metavar="HEX",
                    help="the commitment you published: the key is refused unless it matches")
     add_force(p, "the files of an earlier run in --out")
-    p.set_defaults(func=cmd_compare)
+    p.set_defaults(func=cmd_compare, check=check_compare)
 
 
 def sweep_output_names(sigmas) -> tuple[str, ...]:
@@ -54,9 +54,13 @@ def sweep_output_names(sigmas) -> tuple[str, ...]:
             "sigma_sweep.png")
 
 
-def cmd_compare(args) -> int:
+def check_compare(args) -> None:
+    """Every output path checked before any work (run by the CLI before the command)."""
     check_first(args, Output(args.out, "--out", folder=True, writes=COMPARE_FILES), key=args.key, base=args.base,
                 real_images=args.real_images, prompts=args.prompts)
+
+
+def cmd_compare(args) -> int:
     prompts = list(args.prompt)
     if args.prompts:
         prompts += read_prompts(args.prompts, args.subject)
@@ -92,12 +96,16 @@ def add_sigma_sweep_command(sub) -> None:
     p.add_argument("--steps", type=int, default=10, help="inference steps of the evaluation images")
     p.add_argument("--seed", type=int, default=0, help="training seed")
     add_force(p, "the files of an earlier sweep in --out")
-    p.set_defaults(func=cmd_sigma_sweep)
+    p.set_defaults(func=cmd_sigma_sweep, check=check_sigma_sweep)
+
+
+def check_sigma_sweep(args) -> None:
+    """Every output path checked before any work (run by the CLI before the command)."""
+    check_first(args, Output(args.out, "--out", folder=True, writes=sweep_output_names(args.sigmas)),
+                base=args.base, data=args.instance_data_dir)
 
 
 def cmd_sigma_sweep(args) -> int:
-    check_first(args, Output(args.out, "--out", folder=True, writes=sweep_output_names(args.sigmas)),
-                base=args.base, data=args.instance_data_dir)
     result = sigma_sweep(args.out, base=args.base, sigmas=args.sigmas, instance_data_dir=args.instance_data_dir,
                          instance_prompt=args.instance_prompt, prompts=args.prompt or None, seeds=args.seeds,
                          train_steps=args.train_steps, learning_rate=args.learning_rate,

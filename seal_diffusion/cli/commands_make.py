@@ -22,11 +22,15 @@ def add_demo_command(sub) -> None:
     p.add_argument("--steps", type=int, default=DEMO_STEPS,
                    help=f"training steps of each LoRA (default {DEMO_STEPS}; more makes the passports' effect clearer)")
     add_force(p, "the files of an earlier run in a non-empty --out folder")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, check=check_demo)
+
+
+def check_demo(args) -> None:
+    """Every output path checked before any work (run by the CLI before the command)."""
+    check_first(args, Output(args.out, "--out", folder=True))
 
 
 def cmd_demo(args) -> int:
-    check_first(args, Output(args.out, "--out", folder=True))
     result = run_demo(args.out, steps=args.steps)
     print(f"wrote {args.out}/summary.md ({result['seconds']:.0f} s)")
     return 0
@@ -38,11 +42,15 @@ def add_tiny_model_command(sub) -> None:
                    "only if it is a diffusers model folder)")
     p.add_argument("--xl", action="store_true", help="write tiny-xl, the SDXL-shaped default, instead of tiny")
     add_force(p, "an existing model folder")
-    p.set_defaults(func=cmd_tiny_model)
+    p.set_defaults(func=cmd_tiny_model, check=check_tiny_model)
+
+
+def check_tiny_model(args) -> None:
+    """Every output path checked before any work (run by the CLI before the command)."""
+    check_first(args, Output(args.out, "--out", folder=True, whole=True, marker="model_index.json"))
 
 
 def cmd_tiny_model(args) -> int:
-    check_first(args, Output(args.out, "--out", folder=True, whole=True, marker="model_index.json"))
     out = write_tiny_model(args.out, xl=args.xl)
     cls = "StableDiffusionXLPipeline" if args.xl else "StableDiffusionPipeline"
     print(f"wrote the embedded {'SDXL ' if args.xl else ''}default model to {out} (load with {cls}.from_pretrained)")
@@ -70,14 +78,18 @@ def add_export_command(sub) -> None:
     p.add_argument("--name", help="ss_output_name / title in the kohya metadata (default: file stem)")
     p.add_argument("--force", "--overwrite", dest="overwrite", action="store_true",
                    help="replace an existing output file")
-    p.set_defaults(func=cmd_export)
+    p.set_defaults(func=cmd_export, check=check_export)
 
 
-def cmd_export(args) -> int:
+def check_export(args) -> None:
+    """Every output path checked before any work (run by the CLI before the command)."""
     out = Path(args.out)
     if args.format == "diffusers" and (out.is_dir() or out.suffix == ""):  # a folder: the file inside it
         out = out / DIFFUSERS_WEIGHT_NAME
     check_first(args, Output(str(out), "--out"), key=args.key)
+
+
+def cmd_export(args) -> int:
     key = SealKey.load(args.key)
     name = args.name or Path(args.out).stem
     path = export_lora(key, args.out, args.format, name, overwrite=args.overwrite)

@@ -14,5 +14,6 @@ def add_force(p, what: str = "an existing output") -> None:
 
 
 def check_first(args, *outs: Output, **inputs) -> None:
-    """Check every output path of the command (:func:`seal_diffusion.outpaths.check_outputs`) before any work."""
+    """Check every output path of the command (:func:`seal_diffusion.outpaths.check_outputs`); called from the
+    command's ``check`` function, which :func:`seal_diffusion.cli.main` runs before the command itself."""
     check_outputs(*outs, force=bool(getattr(args, "overwrite", False)), inputs=inputs)
