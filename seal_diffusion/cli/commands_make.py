@@ -6,12 +6,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..demo import DEMO_STEPS, run_demo
+from ..defaults import DEMO_STEPS
 from ..errors import UserError
-from ..export import export_lora
-from ..keyfile import SealKey
-from ..timestamp import stamp_command, stamp_key
-from ..tiny import write_tiny_model
+
+# library imports are inside the handlers: --help and the other commands do not wait for torch
 
 
 def add_demo_command(sub) -> None:
@@ -23,6 +21,8 @@ def add_demo_command(sub) -> None:
 
 
 def cmd_demo(args) -> int:
+    from ..demo import run_demo
+
     result = run_demo(args.out, steps=args.steps)
     print(f"wrote {args.out}/summary.md ({result['seconds']:.0f} s)")
     return 0
@@ -36,6 +36,8 @@ def add_tiny_model_command(sub) -> None:
 
 
 def cmd_tiny_model(args) -> int:
+    from ..tiny import write_tiny_model
+
     out = write_tiny_model(args.out, xl=args.xl)
     cls = "StableDiffusionXLPipeline" if args.xl else "StableDiffusionPipeline"
     print(f"wrote the embedded {'SDXL ' if args.xl else ''}default model to {out} (load with {cls}.from_pretrained)")
@@ -50,7 +52,7 @@ def add_train_command(sub) -> None:
 
 
 def cmd_train(args) -> int:
-    from ..training import main as train_main  # lazy: training imports accelerate and diffusers (~5 s)
+    from ..training import main as train_main  # training imports accelerate and diffusers (~5 s)
 
     return train_main(args.train_args + (["--debug"] if args.debug else []), prog="seal-diffusion train")
 
@@ -67,6 +69,9 @@ def add_export_command(sub) -> None:
 
 
 def cmd_export(args) -> int:
+    from ..export import export_lora
+    from ..keyfile import SealKey
+
     key = SealKey.load(args.key)
     name = args.name or Path(args.out).stem
     path = export_lora(key, args.out, args.format, name, overwrite=args.overwrite)
@@ -107,6 +112,8 @@ def add_timestamp_command(sub) -> None:
 
 
 def cmd_timestamp(args) -> int:
+    from ..timestamp import stamp_command, stamp_key
+
     done = stamp_key(args.key, args.tsa, args.ca, args.reply, args.timeout)
     if done["request"]:
         print(f"wrote the timestamp request {done['request']} (commitment {done['commitment']})")
@@ -127,5 +134,7 @@ def add_commitment_command(sub) -> None:
 
 
 def cmd_commitment(args) -> int:
+    from ..keyfile import SealKey
+
     print(SealKey.load(args.key).commitment())
     return 0
