@@ -31,6 +31,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import metrics
 from .base_model import load_pipeline
+from .defaults import COMPARE_GUIDANCE as DEFAULT_GUIDANCE, COMPARE_SEEDS as DEFAULT_SEEDS, \
+    COMPARE_STEPS as DEFAULT_STEPS, COMPARE_SUBJECT as DEFAULT_SUBJECT  # the values --help shows
 from .errors import UserError
 from .fileio import json_safe
 from .keyfile import SealKey
@@ -46,10 +48,6 @@ PAIRS = (
     ("C", "base", "C vs base: what the LoRA changes"),
     ("C_p", "base", "C_p vs base"),
 )
-DEFAULT_SUBJECT = "sks cat"
-DEFAULT_SEEDS = (0, 1)
-DEFAULT_STEPS = 25
-DEFAULT_GUIDANCE = 7.5
 
 
 # -- prompts -----------------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from . import attacks
 from .compare import compare
+from .defaults import DEMO_STEPS  # the value --help shows
 from .errors import UserError
 from .evaluation import heldout_batch, heldout_denoising_loss
 from .fileio import write_text_atomic
@@ -29,7 +30,6 @@ from .plots import plot_spectra
 from .subject import write_subject
 from .verify import Suspect, verify, verify_path
 
-DEMO_STEPS = 60
 DEMO_RANK = 4
 DEMO_LR = {"seal": 3e-3, "lora": 3e-3}  # the tiny random model needs a bolder step than SD 1.5's 1e-5 / 5e-5
 DEMO_PROMPTS = ["a photo of sks cat", "a sks cat wearing a santa hat"]

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+from .defaults import CHALLENGE_GUIDANCE as DEFAULT_GUIDANCE, CHALLENGE_N as DEFAULT_N, \
+    CHALLENGE_STEPS as DEFAULT_STEPS  # the values --help shows
 from .errors import UserError
 from .fileio import write_json_atomic
 from .keyfile import SealKey
@@ -24,9 +26,6 @@ GENERIC_PROMPTS = (
     "a portrait of a woman", "a city skyline at night", "a house in the forest", "a painting of flowers",
 )
 SUBJECT_VARIANTS = ("{}", "{} on a beach", "{} in the snow", "{} on a sofa", "a drawing of {}", "{}, close-up")
-DEFAULT_N = 32
-DEFAULT_STEPS = 10
-DEFAULT_GUIDANCE = 7.5
 DEFAULT_SCHEDULER = "DDIMScheduler"
 
 

@@ -18,6 +18,7 @@ from typing import Sequence
 from . import metrics
 from .base_model import load_pipeline
 from .compare import DEFAULT_GUIDANCE, format_mean_std
+from .defaults import SWEEP_BATCH, SWEEP_LR, SWEEP_SIGMAS, SWEEP_TRAIN_STEPS  # noqa: F401 - the values --help shows
 from .errors import UserError
 from .fileio import json_safe
 from .keyfile import SealKey
@@ -26,10 +27,6 @@ from .progress import Progress, Ticker
 from .render import default_size, generate, render_variants
 from .subject import INSTANCE_PROMPT, load_prompts, write_subject
 
-SWEEP_SIGMAS = (0.01, 0.1, 1.0, 10.0, 100.0)
-SWEEP_TRAIN_STEPS = 30
-SWEEP_LR = 5e-3
-SWEEP_BATCH = 1
 
 
 def sigma_sweep(

@@ -19,7 +19,22 @@ import pytest  # noqa: E402
 from small_owner import fixed_scrypt_salt  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# pytest-xdist (README: -n 2): one torch thread per worker when the workers already fill the cores. The tiny model's
+# ops are too small for a second thread to pay (most of a step is Python dispatch), two processes are not.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "xdist_group(name): tests pytest-xdist runs in one worker (--dist loadgroup)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """With ``-n N --dist loadgroup``: one group per test file, so each module fixture is built once (the session
+    fixture ``owner_training`` is trained once for all workers: see there)."""
+    for item in items:
+        if not any(m.name == "xdist_group" for m in item.iter_markers()):
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
 
 
 @pytest.fixture(scope="session")
@@ -50,9 +65,30 @@ def subject_dir(tmp_path_factory):
 def owner_training(tmp_path_factory, subject_dir):
     """One small SEAL DreamBooth run on the tiny model (rank 4, 60 steps, fixed seed and secret), shared by the claim
     and robustness tests. Returns the trainer's result with its network removed: ``pipeline`` is the clean base."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return _train_owner(tmp_path_factory.mktemp("owner"), subject_dir)
+    # pytest-xdist: the first worker to need it trains into the session's shared folder, the others wait and read
+    # its files (the run is the same, seeded, either way); only the clean base pipeline is each worker's own
+    import json
+
+    from filelock import FileLock
+
+    from seal_diffusion.base_model import load_pipeline
+
+    shared = tmp_path_factory.getbasetemp().parent
+    done = shared / "owner_training.json"
+    with FileLock(str(shared / "owner_training.lock")):
+        if not done.exists():
+            result = _train_owner(shared / "owner", subject_dir)
+            kept = {k: v for k, v in result.items() if k not in ("network", "pipeline")}
+            done.write_text(json.dumps(kept, default=str))
+            return result
+    return dict(json.loads(done.read_text()), pipeline=load_pipeline("tiny"))
+
+
+def _train_owner(out, subject_dir) -> dict:
     from seal_diffusion.training import parse_args, train
 
-    out = tmp_path_factory.mktemp("owner")
     args = parse_args(["--pretrained_model_name_or_path", "tiny", "--instance_data_dir", str(subject_dir),
                        "--instance_prompt", "a photo of sks cat", "--output_dir", str(out), "--output_name", "cat",
                        "--rank", "4", "--max_train_steps", "60", "--learning_rate", "2e-3", "--seed", "0",

@@ -125,19 +125,92 @@ class Watch:  # tells the OpenMP spin setting at the moment torch starts loading
 sys.meta_path.insert(0, Watch())
 import seal_diffusion.cli
 seal_diffusion.cli.build_parser()
-print("heavy:", sorted(m for m in HEAVY if m in sys.modules))
+print("heavy:", sorted(m for m in HEAVY + ("torch",) if m in sys.modules))
+import seal_diffusion.verify  # what the verify handler imports when it runs
 """
 
 
 def test_the_command_line_starts_light_and_sets_the_spin_before_torch():
-    """``seal-diffusion verify`` and ``--help`` must not wait for diffusers, accelerate, gradio or matplotlib, and
-    the OpenMP spin setting (:func:`seal_diffusion.cpu.short_openmp_spin`) must come before torch loads."""
+    """The parser loads none of diffusers, accelerate, gradio, matplotlib or torch (the handlers import what they
+    need), and the OpenMP spin setting (:func:`seal_diffusion.cpu.short_openmp_spin`) comes before torch loads."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env["PYTHONPATH"] = str(ROOT)
     out = subprocess.run([sys.executable, "-c", f"HEAVY = {HEAVY!r}" + CLI_START], capture_output=True, text=True,
                          env=env, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == ["spin at torch: 1000", "heavy: []"], out.stdout
+    assert out.stdout.splitlines() == ["heavy: []", "spin at torch: 1000"], out.stdout
+
+
+WATCH = """
+import runpy, sys
+sys.argv = ["seal-diffusion"] + ARGV
+try:
+    runpy.run_module("seal_diffusion.cli", run_name="__main__")
+except SystemExit as exc:
+    code = exc.code
+print("loaded:", sorted(m for m in WATCHED if m in sys.modules), "exit:", code)
+"""
+WATCHED = ("accelerate", "diffusers", "gradio", "matplotlib", "numpy", "PIL", "safetensors", "scipy", "skimage",
+           "torch", "transformers")
+
+
+def _run_cli(args: list[str], tmp_path) -> tuple[list[str], int, str]:
+    """Run ``seal-diffusion ARGS`` in a fresh interpreter; the libraries of WATCHED it loaded, its exit code."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env["PYTHONPATH"] = str(ROOT)
+    code = f"ARGV = {args!r}\nWATCHED = {WATCHED!r}" + WATCH
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=300)
+    last = out.stdout.strip().splitlines()[-1]
+    assert last.startswith("loaded:"), out.stdout + out.stderr
+    loaded, _, exit_code = last.removeprefix("loaded: ").rpartition(" exit: ")
+    return ast.literal_eval(loaded), int(exit_code), out.stdout + out.stderr
+
+
+def test_help_loads_no_torch(tmp_path):
+    """``seal-diffusion --help`` and a command's ``--help`` print from the parser alone: no torch, no numpy (issue
+    25: ≤ 0.3 s; ``benchmarks/bench_startup.py`` times it)."""
+    for args in (["--help"], ["verify", "--help"], ["challenge", "--help"], ["compare", "--help"]):
+        loaded, exit_code, out = _run_cli(args, tmp_path)
+        assert exit_code == 0 and "usage: seal-diffusion" in out, out
+        assert loaded == [], (args, loaded)
+
+
+def test_verify_of_a_lora_file_loads_torch_safetensors_numpy_only(tmp_path):
+    """Plain ``verify`` of a LoRA file needs the key, the file and the test's arithmetic: torch, safetensors and numpy,
+    and none of diffusers, transformers, scipy, scikit-image, PIL or matplotlib (each costs seconds to import).
+    The verdict is checked too: the owner's own export must be detected."""
+    import torch
+
+    from seal_diffusion.export import export_lora
+    from seal_diffusion.keyfile import ModuleKey, SealKey
+
+    g = torch.Generator().manual_seed(0)
+    rank, width = 4, 32
+    names = [f"down_blocks.{b}.attentions.0.transformer_blocks.0.attn{i}.to_{p}" for b in (0, 1, 2) for i in (1, 2)
+             for p in "qkv"]  # 18 modules: the exact test's ceiling, 18·log10 2 = 5.4, clears the threshold 3.3
+    modules = {n: ModuleKey(torch.randn(rank, width, generator=g), torch.randn(width, rank, generator=g),
+                            torch.randn(rank, rank, generator=g), torch.randn(rank, rank, generator=g))
+               for n in names}
+    key = SealKey(modules, rank, float(rank), base_model="tiny", target_modules=["to_q", "to_k", "to_v"])
+    key_path = key.save(tmp_path / "owner.sealkey")
+    lora = export_lora(key, tmp_path / "owner.safetensors", "kohya", "owner")
+    loaded, exit_code, out = _run_cli(["verify", "--key", str(key_path), str(lora)], tmp_path)
+    assert exit_code == 0 and "DETECTED" in out, out
+    assert loaded == ["numpy", "safetensors", "torch"], loaded
+
+
+def test_progress_bars_are_switched_off_when_diffusers_loads_after_the_command_started():
+    """quiet_libraries() no longer imports diffusers/transformers itself; their progress bars go off at their import."""
+    code = ("from seal_diffusion.quiet import quiet_libraries\nimport sys\nquiet_libraries()\n"
+            "assert 'diffusers' not in sys.modules and 'transformers' not in sys.modules\n"
+            "from diffusers.utils import logging as d\nfrom transformers.utils import logging as t\n"
+            "import huggingface_hub.utils as h\n"
+            "print(d.is_progress_bar_enabled(), t.is_progress_bar_enabled(), h.are_progress_bars_disabled())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False", "True"], out.stdout
 
 
 def readme_order() -> list[str]:

@@ -5,13 +5,14 @@ Errors in the user's input are one line on stderr and exit code 2 (``--debug`` s
 Every subcommand's parser and handler lives in this package, grouped by job: :mod:`.commands_make` (demo,
 tiny-model, train, export, ui, timestamp, commitment), :mod:`.commands_check` (verify, scan, challenge, verify-images,
 dispute), :mod:`.commands_attack` (attack, robustness) and :mod:`.commands_compare` (compare, sigma-sweep). Start-up
-stays light: a command whose library imports accelerate, diffusers or gradio (train, robustness, the fine-tune
-attack, ui) imports it when it runs, so that ``verify`` or ``--help`` does not wait for them
-(``tests/test_imports.py`` checks it).
+stays light: the parser needs only :mod:`seal_diffusion.defaults` (no torch), and each handler imports the library it
+calls when it runs, so ``--help`` loads no torch and ``verify`` of a LoRA file loads torch, safetensors and numpy
+only, never diffusers, transformers or scipy (``tests/test_imports.py`` checks it; ``benchmarks/bench_startup.py``
+times it).
 
 A command that writes files sets ``check`` beside ``func`` (``p.set_defaults(func=cmd_x, check=check_x)``):
 :func:`main` runs it first, so a bad or existing output path (:mod:`seal_diffusion.outpaths`) stops the command in
-well under a second, before it imports diffusers, loads a model or renders anything.
+well under a second, before it imports torch or diffusers, loads a model or renders anything.
 """
 
 from __future__ import annotations

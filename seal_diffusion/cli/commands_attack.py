@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from tqdm import tqdm
-
-from .. import attacks
-from ..claim import forge_key
-from ..distill import distill_lora
+from ..defaults import THRESHOLD as DEFAULT_THRESHOLD
 from ..errors import UserError
-from ..lora_file import read_lora
-from ..verify import DEFAULT_THRESHOLD
 from .common import Output, add_force, check_first
 
 # what run_robustness() writes into --out (robustness_report.write_report)
 ROBUSTNESS_FILES = ("report.md", "report.json", "attacks.png", "pruning.png", "finetune.png", "gamma.png",
                     "innocents.png")
+
+# library imports are inside the handlers: --help and the other commands do not wait for torch
 
 
 def add_attack_command(sub) -> None:
@@ -74,6 +70,8 @@ def cmd_attack(args) -> int:
     if args.lr is None:
         args.lr = 3e-3 if method == "distill" else 5e-5
     if method == "distill":
+        from ..distill import distill_lora
+
         res = distill_lora(args.input, args.output, base=args.base or "tiny", rank=args.rank or 4, steps=args.steps,
                            lr=args.lr, seed=args.seed, source=args.source, config=args.config,
                            overwrite=args.overwrite, show_progress=True)
@@ -82,6 +80,8 @@ def cmd_attack(args) -> int:
     if method == "merge-checkpoint":
         if not args.base:
             raise UserError("attack merge-checkpoint: --base MODEL is required")
+        from .. import attacks
+
         out = attacks.merge_into_checkpoint(args.input, args.base, args.output, weight=args.weight,
                                             config=args.config, overwrite=args.overwrite)
     elif method == "finetune":
@@ -90,9 +90,14 @@ def cmd_attack(args) -> int:
         out = finetune_lora(args.input, args.output, data=args.data, base=args.base or "tiny", steps=args.steps,
                             learning_rate=args.lr, seed=args.seed, overwrite=args.overwrite, config=args.config)
     elif method == "ambiguity":
+        from ..claim import forge_key
+
         out = forge_key(args.input, args.output, mode=args.mode, gamma=args.gamma, seed=args.seed,
                         data=args.data, base=args.base, steps=args.steps, overwrite=args.overwrite)
     else:
+        from .. import attacks
+        from ..lora_file import read_lora
+
         lora = read_lora(args.input)
         kwargs = {
             "prune": dict(ratio=args.ratio, on=args.on),
@@ -160,7 +165,9 @@ def check_robustness(args) -> None:
 
 
 def cmd_robustness(args) -> int:
-    from ..robustness import run_robustness  # lazy: it imports training (accelerate, diffusers: ~5 s)
+    from tqdm import tqdm
+
+    from ..robustness import run_robustness  # it imports training (accelerate, diffusers: ~5 s)
 
     bar = tqdm(total=1, desc="robustness", unit="step", dynamic_ncols=True, disable=None)
 

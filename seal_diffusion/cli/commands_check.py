@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from tqdm import tqdm
+from ..defaults import CHALLENGE_GUIDANCE as DEFAULT_GUIDANCE, CHALLENGE_N as DEFAULT_N, \
+    CHALLENGE_STEPS as DEFAULT_STEPS
 
-from ..dispute import ClaimInput, dispute
-from ..fileio import write_json_atomic, write_text_atomic
-from ..functional import verify_both
-from ..image_challenge import DEFAULT_GUIDANCE, DEFAULT_N, DEFAULT_STEPS
-from ..image_check import create_challenge, verify_images
-from ..scan import CORRECTION, exit_code, format_table, scan
-from ..verify import verify_path
 from .common import Output, add_force, check_first
+# library imports are inside the handlers: --help and the other commands do not wait for torch
 
 
 def add_verify_command(sub) -> None:
@@ -54,11 +49,17 @@ def check_verify(args) -> None:
 
 
 def cmd_verify(args) -> int:
+    from ..fileio import write_json_atomic
+
     if args.functional:
+        from ..functional import verify_both  # diffusers (the model) only when the function-level test runs
+
         report = verify_both(args.key, args.suspect, args.base, threshold=args.threshold, statistic=args.statistic,
                              n_probes=args.probes, prompts=args.prompt, config=args.config,
                              use_cache=not args.no_cache, size=args.probe_size, commitment=args.commitment)
     else:
+        from ..verify import verify_path
+
         report = verify_path(args.key, args.suspect, base=args.base, threshold=args.threshold,
                              statistic=args.statistic, config=args.config, commitment=args.commitment)
     print(report.summary())
@@ -96,6 +97,11 @@ def check_scan(args) -> None:
 
 
 def cmd_scan(args) -> int:
+    from tqdm import tqdm
+
+    from ..fileio import write_json_atomic
+    from ..scan import CORRECTION, exit_code, format_table, scan
+
     rows, rate = scan(args.key, args.paths, args.threshold, args.statistic,
                       progress=lambda it: tqdm(it, desc="scanning", unit="file", disable=None),
                       combine=args.combine, commitments=args.commitment)
@@ -133,6 +139,8 @@ def check_challenge(args) -> None:
 
 
 def cmd_challenge(args) -> int:
+    from ..image_check import create_challenge
+
     ch = create_challenge(args.key, args.out, base=args.base, prompt=args.prompt, n=args.n, steps=args.steps,
                           guidance_scale=args.guidance_scale, size=args.size, compare_size=args.compare_size)
     print(f"wrote {args.out}: {ch.n} prompts/seeds, {ch.scheduler} {ch.steps} steps, CFG {ch.guidance_scale:g}, "
@@ -161,6 +169,9 @@ def check_verify_images(args) -> None:
 
 
 def cmd_verify_images(args) -> int:
+    from ..fileio import write_json_atomic
+    from ..image_check import verify_images
+
     report = verify_images(args.key, args.challenge, args.images, base=args.base, threshold=args.threshold)
     print(report.summary())
     if args.json:
@@ -172,6 +183,8 @@ class _ClaimAction(argparse.Action):
     """``--claim KEY`` starts a claim; ``--timestamp``, ``--commitment`` and ``--file`` attach to the last one."""
 
     def __call__(self, parser, namespace, values, option_string=None):
+        from ..dispute import ClaimInput
+
         claims = getattr(namespace, "claims", None) or []
         if option_string == "--claim":
             claims.append(ClaimInput(values))
@@ -219,6 +232,9 @@ def check_dispute(args) -> None:
 
 
 def cmd_dispute(args) -> int:
+    from ..dispute import dispute
+    from ..fileio import write_json_atomic, write_text_atomic
+
     report = dispute(args.suspect, args.claims, base=args.base, data=args.data, prompt=args.prompt, ca=args.ca,
                      config=args.config)
     print(report.summary())

@@ -6,13 +6,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..compare import DEFAULT_GUIDANCE, DEFAULT_SEEDS, DEFAULT_STEPS, DEFAULT_SUBJECT, compare, pairs_table, read_prompts
+from ..defaults import COMPARE_GUIDANCE as DEFAULT_GUIDANCE, COMPARE_SEEDS as DEFAULT_SEEDS, \
+    COMPARE_STEPS as DEFAULT_STEPS, COMPARE_SUBJECT as DEFAULT_SUBJECT, SWEEP_BATCH, SWEEP_LR, SWEEP_SIGMAS, \
+    SWEEP_TRAIN_STEPS
 from ..errors import UserError
-from ..keyfile import SealKey, check_commitment
-from ..sigma_sweep import SWEEP_BATCH, SWEEP_LR, SWEEP_SIGMAS, SWEEP_TRAIN_STEPS, sigma_sweep, sigma_table_md
 from .common import Output, add_force, check_first
 
 COMPARE_FILES = ("grid.png", "images", "compare.md", "compare.json")  # what compare() writes into --out
+
+# library imports are inside the handlers: --help and the other commands do not wait for torch
 
 
 def _seeds(text: str) -> int:
@@ -61,6 +63,9 @@ def check_compare(args) -> None:
 
 
 def cmd_compare(args) -> int:
+    from ..compare import compare, pairs_table, read_prompts
+    from ..keyfile import SealKey, check_commitment
+
     prompts = list(args.prompt)
     if args.prompts:
         prompts += read_prompts(args.prompts, args.subject)
@@ -106,6 +111,8 @@ def check_sigma_sweep(args) -> None:
 
 
 def cmd_sigma_sweep(args) -> int:
+    from ..sigma_sweep import sigma_sweep, sigma_table_md
+
     result = sigma_sweep(args.out, base=args.base, sigmas=args.sigmas, instance_data_dir=args.instance_data_dir,
                          instance_prompt=args.instance_prompt, prompts=args.prompt or None, seeds=args.seeds,
                          train_steps=args.train_steps, learning_rate=args.learning_rate,

@@ -6,14 +6,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..demo import DEMO_STEPS, run_demo
+from ..defaults import DEMO_STEPS
 from ..errors import UserError
-from ..export import export_lora
-from ..keyfile import SealKey
-from ..timestamp import stamp_command, stamp_key
-from ..lora_file import DIFFUSERS_WEIGHT_NAME
-from ..tiny import write_tiny_model
 from .common import Output, add_force, check_first
+
+# library imports are inside the handlers: --help and the other commands do not wait for torch
 
 
 def add_demo_command(sub) -> None:
@@ -31,6 +28,8 @@ def check_demo(args) -> None:
 
 
 def cmd_demo(args) -> int:
+    from ..demo import run_demo
+
     result = run_demo(args.out, steps=args.steps)
     print(f"wrote {args.out}/summary.md ({result['seconds']:.0f} s)")
     return 0
@@ -51,6 +50,8 @@ def check_tiny_model(args) -> None:
 
 
 def cmd_tiny_model(args) -> int:
+    from ..tiny import write_tiny_model
+
     out = write_tiny_model(args.out, xl=args.xl)
     cls = "StableDiffusionXLPipeline" if args.xl else "StableDiffusionPipeline"
     print(f"wrote the embedded {'SDXL ' if args.xl else ''}default model to {out} (load with {cls}.from_pretrained)")
@@ -65,7 +66,7 @@ def add_train_command(sub) -> None:
 
 
 def cmd_train(args) -> int:
-    from ..training import main as train_main  # lazy: training imports accelerate and diffusers (~5 s)
+    from ..training import main as train_main  # training imports accelerate and diffusers (~5 s)
 
     return train_main(args.train_args + (["--debug"] if args.debug else []), prog="seal-diffusion train")
 
@@ -83,6 +84,8 @@ def add_export_command(sub) -> None:
 
 def check_export(args) -> None:
     """Every output path checked before any work (run by the CLI before the command)."""
+    from ..lora_file import DIFFUSERS_WEIGHT_NAME  # torch: export needs it anyway
+
     out = Path(args.out)
     if args.format == "diffusers" and (out.is_dir() or out.suffix == ""):  # a folder: the file inside it
         out = out / DIFFUSERS_WEIGHT_NAME
@@ -90,6 +93,9 @@ def check_export(args) -> None:
 
 
 def cmd_export(args) -> int:
+    from ..export import export_lora
+    from ..keyfile import SealKey
+
     key = SealKey.load(args.key)
     name = args.name or Path(args.out).stem
     path = export_lora(key, args.out, args.format, name, overwrite=args.overwrite)
@@ -130,6 +136,8 @@ def add_timestamp_command(sub) -> None:
 
 
 def cmd_timestamp(args) -> int:
+    from ..timestamp import stamp_command, stamp_key
+
     done = stamp_key(args.key, args.tsa, args.ca, args.reply, args.timeout)
     if done["request"]:
         print(f"wrote the timestamp request {done['request']} (commitment {done['commitment']})")
@@ -150,5 +158,7 @@ def add_commitment_command(sub) -> None:
 
 
 def cmd_commitment(args) -> int:
+    from ..keyfile import SealKey
+
     print(SealKey.load(args.key).commitment())
     return 0
