@@ -38,7 +38,7 @@ from ..kohya_meta import training_metadata
 from ..model_card import public_base_label
 from ..network import SealNetwork, target_modules, text_encoders_of
 from .args import check_args, warn
-from . import compat
+from .compat import apply_to_pipeline
 from .checkpoints import read_checkpoint_passports, read_checkpoint_state, resolve_checkpoint, save_checkpoint
 from .data import DreamBoothDataset, EpochSampler, ImageSet, collate, derived_seed, generator_for
 from .hub import push_public_files
@@ -130,7 +130,7 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
     pipe = load_pipeline(src, config=args.config, allow_pickle=args.allow_pickle, revision=args.revision,
                          variant=getattr(args, "variant", None))
     unet, vae = pipe.unet, pipe.vae
-    compat.apply_to_pipeline(args, pipe, accelerator.device, warn_main)  # --tokenizer_name, xformers, warnings
+    apply_to_pipeline(args, pipe, accelerator.device, warn_main)  # --tokenizer_name, xformers, warnings
     if compat.custom_text_encoding(args) and is_sdxl(pipe):
         raise UserError("--tokenizer_max_length/--text_encoder_use_attention_mask: SD 1.x bases only (as in diffusers)")
     resolution = args.resolution or default_resolution(pipe)
