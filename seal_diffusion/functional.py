@@ -125,7 +125,8 @@ def verify_functional(key: SealKey | str | os.PathLike, suspect_path, base: str 
     if isinstance(key, (str, os.PathLike)):
         key_path = key_path or key
         key = SealKey.load(key)
-    base = base or key_base(key)
+    if not base and pipe is None:
+        base = key_base(key)
     paths = [Path(p) for p in ([suspect_path] if isinstance(suspect_path, (str, os.PathLike)) else suspect_path)]
     if not paths:
         raise UserError("--functional: no suspect given")
@@ -221,7 +222,8 @@ def verify_both(key_path: str | os.PathLike, suspect_path, base: str | None = No
     """
     paths = [suspect_path] if isinstance(suspect_path, (str, os.PathLike)) else list(suspect_path)
     key = SealKey.load(key_path)
-    base = base or key_base(key)
+    if not base and pipe is None:
+        base = key_base(key)
     weight = verify_path(key, paths if len(paths) > 1 else paths[0], base=base, threshold=threshold,
                          statistic=statistic, config=config, commitment=commitment)
     strengths = weight.strengths if len(paths) > 1 else None

@@ -3,8 +3,8 @@
 Each key's algebra (pseudo-inverses, norms) is computed once; each file is read once and tested against every key.
 A file that cannot be read, or holds none of a key's layers under any naming this tool maps, is **not** "not
 detected": its row says "could not be checked" and why, and the scan's exit code is 2. A file for another model family
-than a key (an SDXL LoRA against an SD 1.5 key: same layer names with other shapes, or its metadata says so) is "not
-applicable" to that key: no test, not counted in the correction, and the exit code is decided by the pairs that
+than a key (an SDXL LoRA against an SD 1.5 key: layers of the key's names with other shapes; metadata is not trusted) is
+"not applicable" to that key: no test, not counted in the correction, and the exit code is decided by the pairs that
 apply. ``--combine`` loads together, per key, the files of that key's family; their strengths are fitted without the
 coins (:func:`seal_diffusion.verify.verify`).
 
@@ -101,7 +101,7 @@ def scan(keys, paths, threshold: float = DEFAULT_THRESHOLD, statistic: str = "co
             continue
         for name, key, prepared in loaded:
             suspect = lora_suspect(lora, key, str(f))
-            other_family = not_applicable(prepared, suspect, lora)
+            other_family = not_applicable(prepared, suspect)
             if other_family:
                 rows.append(ScanRow(name, str(f), None, None, f"not applicable: {other_family}", applicable=False))
                 continue
@@ -124,15 +124,11 @@ def scan(keys, paths, threshold: float = DEFAULT_THRESHOLD, statistic: str = "co
     return rows, len(files) / elapsed if elapsed > 0 else float("inf")
 
 
-def not_applicable(prepared, suspect, lora) -> str:
-    """Why a file is for another model family than the key ('' when it is not): its metadata names another base-model
-    family (kohya's ``ss_base_model_version``, ``modelspec.architecture``), or a layer the key has under the same name
-    has another shape."""
-    meta = lora.metadata or {}
-    family = meta.get("ss_base_model_version") or meta.get("modelspec.architecture", "").partition("/")[0]
-    key_family = prepared.key.architecture
-    if family and not _same_family(family, key_family):
-        return f"a {family} LoRA (its metadata), the key is for {key_family}"
+def not_applicable(prepared, suspect) -> str:
+    """Why a file is for another model family than the key ('' when it is not): a layer the key has under the same
+    name has another shape, so no frontend could load the file onto the key's base model. Metadata
+    (``ss_base_model_version``) is not used: anyone can edit it, and a copy must not escape the test by claiming to
+    be an SDXL file."""
     for m in sorted(suspect.modules):
         if m not in prepared.where:
             continue
@@ -143,11 +139,6 @@ def not_applicable(prepared, suspect, lora) -> str:
             return (f"a LoRA for another model family ({m} is {shape[1]}→{shape[0]}, the key's layer "
                     f"{in_f}→{out_f})")
     return ""
-
-
-def _same_family(file_family: str, key_family: str) -> bool:
-    xl = lambda s: "xl" in s.lower()  # noqa: E731 - sd_v1 / stable-diffusion-v1 vs sdxl_base_v1-0 / -xl-
-    return xl(file_family) == xl(key_family)
 
 
 def _row(name, label, prepared, suspect, threshold, statistic) -> ScanRow:

@@ -23,6 +23,7 @@ model, DoRA magnitudes, LyCORIS kinds that are neither LoCon, LoHa, LoKr nor ful
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from collections.abc import Mapping, Sequence
@@ -135,6 +136,8 @@ def lora_weights(loras: LoraFile | Sequence[LoraFile], shapes: Mapping[str, Sequ
             else:
                 w = None
             if w is not None:
+                if len(shape) == 4 and w.dim() == 2 and w.numel() == math.prod(shape):
+                    w = w.reshape(shape)  # LoHa/LoKr/full on a conv with flattened kernels, as frontends reshape
                 if tuple(w.shape) != shape:
                     raise UserError(f"{where}: update of shape {tuple(w.shape)}, the model's layer is {shape} "
                                     "(another base model?)")

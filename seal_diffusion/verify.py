@@ -18,10 +18,16 @@ labels are therefore a fair coin per module, so the per-module contrast
     d_m = ⟨Ĉ_m, C_m − C_p,m⟩ / (σ√2 · ‖Ĉ_m‖)
 
 has a sign that is +/− with probability ½, independently across modules, whatever its size. The p-value is the exact
-randomisation tail P(Σ ε_m |d_m| ≥ Σ d_m) over fair signs ε_m, computed by dynamic programming on a grid that rounds
-in the conservative direction (:func:`sign_flip_neg_log10_p`). Nothing about "typical" LoRAs is assumed. The price is
-a floor: p ≥ 2^−M (−log10 p ≤ 14.4 for the tiny default's 48 modules, ≤ 38.5 for SD 1.5's 128); a real copy has every
-d_m > 0 and reaches it.
+two-sided randomisation tail 2·min(P(S ≥ Σ d_m), P(S ≤ Σ d_m)), S = Σ ε_m |d_m| over fair signs ε_m, computed by
+dynamic programming on a grid that rounds in the conservative direction (:func:`two_sided_neg_log10_p`): a file meant
+to be loaded at a negative strength (up-weights negated) has every d_m < 0 and is found too. Nothing about "typical"
+LoRAs is assumed. The price is a floor: p ≥ 2^−(M−1) (−log10 p ≤ 14.1 for the tiny default's 48 modules, ≤ 38.2 for
+SD 1.5's 128); a real copy has every d_m > 0 and reaches it.
+
+Files used together (several suspects) are loaded at strengths fitted without the coins
+(:func:`~seal_diffusion.recovery.fit_strengths`): the criterion is symmetric in C and C_p, so the signs stay fair
+coins for any suspect that does not derive from the release, and a release split into parts meant for different
+strengths is found.
 
 ``statistic="correlation"`` is the textbook test z_m = ⟨Ĉ_m, C_m⟩ / (σ‖Ĉ_m‖), pooled Z = Σ z_m/√M, p = Φ̄(Z) in
 log space. It is exactly N(0,1) only when B and A do not depend on the passports (decoy keys); measured on
