@@ -41,7 +41,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--subjects", nargs="+", default=["cat", "chelsea"])
     ap.add_argument("--out", default="functional-figures")
-    ap.add_argument("--distill-steps", type=int, default=400)
+    ap.add_argument("--distill-steps", type=int, default=400, help="0: no distilled copy")
+    ap.add_argument("--train-arg", action="append", default=[],
+                    help="extra trainer argument (repeatable, e.g. --train-arg=--max_train_steps=100)")
     ap.add_argument("--innocent", action="store_true", help="also a plain LoRA of the same subject")
     args = ap.parse_args()
 
@@ -57,13 +59,14 @@ def main() -> None:
         data = write_subject(folder / "data") if subject == "cat" else write_photo_subject(subject, folder / "data")
         t0 = time.perf_counter()
         res = train(parse_args(["--instance_data_dir", str(data), "--instance_prompt", PROMPTS[subject],
-                                "--output_dir", str(folder / "seal"), "--output_name", subject]))
+                                "--output_dir", str(folder / "seal"), "--output_name", subject, *args.train_arg]))
         res["network"].remove()
         t_train = time.perf_counter() - t0
         suspects = {"release": res["lora_path"]}
         t0 = time.perf_counter()
-        suspects["distilled copy"] = str(distill_lora(res["lora_path"], folder / "copy.safetensors",
-                                                      steps=args.distill_steps).path)
+        if args.distill_steps:
+            suspects["distilled copy"] = str(distill_lora(res["lora_path"], folder / "copy.safetensors",
+                                                          steps=args.distill_steps).path)
         t_distill = time.perf_counter() - t0
         if args.innocent:
             inn = train(parse_args(["--instance_data_dir", str(data), "--instance_prompt", PROMPTS[subject],

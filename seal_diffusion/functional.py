@@ -18,8 +18,9 @@ The statistic is the least-squares fit of r on all directions at once, t̂ = (G�
 it removes the cross-talk between layers that makes the plain projections ⟨r, g_l⟩ (``projection``) noisy. With
 E = diag(coins), G = G₀·E, so t̂ = E·t̂₀ where t̂₀ depends on nothing coin-related under H0: the signs of t̂ are fair
 independent coins and the two-sided sign-flip test (:func:`seal_diffusion.verify.two_sided_neg_log10_p`) gives an
-**exact** p-value (floor 2^−(L−1)). A copy of the release has t̂ ≈ 1 in every layer; a copy meant to be loaded at
-strength −1 (up-weights negated) has t̂ ≈ −1, which the two-sided test finds at the price of log10 2 on the floor.
+**exact** p-value (floor 2^−(L−1), log10 2 below the one-sided 2^−L). A copy of the release has t̂ ≈ 1 in every
+layer. A file meant to be loaded at strength −1 (up-weights negated) is run at +1 and at −1, and the loading whose
+outputs are closer to f_mid is tested: f_mid is symmetric in C and C_p, so the choice never looks at the coins.
 
 The suspect is loaded as a frontend loads it (:mod:`seal_diffusion.suspect_weights`: every layout the weight test
 reads, LyCORIS and conv layers included, alpha and dtype as stored); files used together are loaded at the strengths
@@ -74,11 +75,13 @@ class FunctionalReport:
     n_positive: int
     per_module: list[dict] = field(default_factory=list)
     not_applied: list[str] = field(default_factory=list)  # parts of the suspect the UNet forwards do not use
+    strength_sign: int = 1  # −1: the suspect was tested loaded at negative strength (closer to the owner's f_mid)
 
     def to_json(self) -> dict:
         return {"neg_log10_p": self.neg_log10_p, "detected": self.detected, "threshold": self.threshold,
                 "statistic": self.statistic, "n_probes": self.n_probes, "n_modules": self.n_modules,
-                "n_positive": self.n_positive, "per_module": self.per_module, "not_applied": self.not_applied}
+                "n_positive": self.n_positive, "per_module": self.per_module, "not_applied": self.not_applied,
+                "strength_sign": self.strength_sign}
 
 
 def module_stats(cache: OwnerCache, f_suspect: torch.Tensor, statistic: str = "ls", ridge: float = DEFAULT_RIDGE,
@@ -120,7 +123,9 @@ def verify_functional(key: SealKey | str | os.PathLike, suspect_path, base: str 
 
     ``suspect_path``: LoRA file(s)/folder(s) loaded together at ``strengths`` (default 1 each) exactly as a frontend
     loads them (:mod:`seal_diffusion.suspect_weights`: every layout the weight test reads), or one full model (its
-    UNet is used). ``base``: default the base model the key records. ``show_progress``: a tqdm bar while the owner's
+    UNet is used). The files are run at +strengths and at −strengths, and the loading whose outputs are closer to the
+    owner's midpoint f_mid (coin-symmetric) is tested: a copy meant for strength −1 is found, exactly.
+    ``base``: default the base model the key records. ``show_progress``: a tqdm bar while the owner's
     cache is computed (the first run for a key and base: minutes on CPU)."""
     if isinstance(key, (str, os.PathLike)):
         key_path = key_path or key
@@ -151,17 +156,26 @@ def verify_functional(key: SealKey | str | os.PathLike, suspect_path, base: str 
             tick.close()
         base_unet = pipe.unet
     not_applied: list[str] = []
+    sign = 1
     if checkpoint:
         f_s = suspect_outputs(load_unet(str(paths[0]), config), cache.probes)
     else:
-        originals, applied = merge_suspect_into(base_unet, paths, strengths)
-        not_applied = applied.not_applied
-        try:
-            f_s = suspect_outputs(base_unet, cache.probes)
-        finally:
-            restore(base_unet, originals)
+        strengths = [1.0] * len(paths) if strengths is None else [float(x) for x in strengths]
+        outs = []
+        for sign in (1, -1):  # loaded at +s and at −s (a file meant for a negative strength)
+            originals, applied = merge_suspect_into(base_unet, paths, [sign * x for x in strengths])
+            not_applied = applied.not_applied
+            try:
+                outs.append(suspect_outputs(base_unet, cache.probes))
+            finally:
+                restore(base_unet, originals)
+        # the loading whose behaviour is closer to the owner's midpoint network f_mid: f_mid is symmetric in C and
+        # C_p, so the choice never looks at the coins and the test stays exact
+        dist = [float((o - cache.f_mid[: o.shape[0]]).double().norm()) for o in outs]
+        sign = 1 if dist[0] <= dist[1] else -1
+        f_s = outs[0] if sign == 1 else outs[1]
     report = functional_test(cache, f_s, threshold, statistic)
-    report.not_applied = not_applied
+    report.not_applied, report.strength_sign = not_applied, sign
     return report
 
 
@@ -226,7 +240,9 @@ def verify_both(key_path: str | os.PathLike, suspect_path, base: str | None = No
         base = key_base(key)
     weight = verify_path(key, paths if len(paths) > 1 else paths[0], base=base, threshold=threshold,
                          statistic=statistic, config=config, commitment=commitment)
-    strengths = weight.strengths if len(paths) > 1 else None
+    # the weight test's fitted strengths without the sign it found (that sign depends on the coins); the function
+    # test picks the sign itself, coin-blind
+    strengths = [x * weight.sign for x in weight.strengths] if len(paths) > 1 and weight.strengths else None
     func = verify_functional(key, paths, base, threshold=threshold, n_probes=n_probes, prompts=prompts,
                              config=config, key_path=key_path, use_cache=use_cache, pipe=pipe, size=size,
                              strengths=strengths, show_progress=show_progress)
