@@ -53,6 +53,8 @@ class LoraFile:
     deltas: dict[str, torch.Tensor] = field(default_factory=dict)
     dialect: str = ""
     other: dict[str, int] = field(default_factory=dict)
+    conv: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # raw parts of conv layers (LoCon, LyCORIS)
+    bias: dict[str, torch.Tensor] = field(default_factory=dict)  # LyCORIS full's bias updates (``diff_b``)
 
     @property
     def rank(self) -> int:
@@ -331,6 +333,8 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
         other["text-encoder layers"] = len(text_encoder)
     entries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     deltas: dict[str, torch.Tensor] = {}
+    conv: dict[str, dict[str, torch.Tensor]] = {}
+    bias: dict[str, torch.Tensor] = {}
 
     def count(what: str) -> None:
         other[what] = other.get(what, 0) + 1
@@ -345,6 +349,7 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
             down, up = p["down"], p["up"]
             if down.dim() == 4 or up.dim() == 4 or "lora_mid.weight" in p:
                 count("conv layers (LoCon)")
+                conv[stem] = p  # applied by the function-level test (seal_diffusion.suspect_weights)
                 continue
             if down.dim() != 2 or up.dim() != 2 or up.shape[1] != down.shape[0]:
                 raise UserError(f"{path}: {stem} has incompatible shapes down{tuple(down.shape)} up{tuple(up.shape)}")
@@ -354,9 +359,13 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
             delta, why = _lycoris_delta(stem, p, path)
             if delta is None:
                 count(why)
+                if why.startswith("conv layers"):
+                    conv[stem] = p
             else:
                 deltas[stem] = delta
                 dialects.add("LyCORIS LoHa/LoKr/full")
+            if "diff_b" in p:
+                bias[stem] = p["diff_b"].float()
         elif "alpha" in p:
             continue  # an alpha with nothing to scale (e.g. a pruned layer)
     if not entries and not deltas:
@@ -366,4 +375,4 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
     if "conv layers (LoCon)" in other:
         dialects.add("LyCORIS LoCon")
     return LoraFile(layout, entries, metadata, str(path), deltas=deltas, dialect=", ".join(sorted(dialects)),
-                    other=other)
+                    other=other, conv=conv, bias=bias)

@@ -4,7 +4,7 @@ test and explains the method).
 Probes (noise latents, timesteps, prompts) come from a seed that is SHA-256 over the key's passports, coin-symmetric,
 so only the owner can compute them. The owner's side runs the key's network on them with module l's passport at
 M_l + t_l·D_l (f_mid and the central-difference directions); the suspect's side merges a LoRA into the base UNet and
-runs the plain forward.
+runs the plain forward (the suspect loaded by :mod:`seal_diffusion.suspect_weights`, as a frontend loads it).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 from .conditioning import Conditioning, encode_text
 from .errors import UserError
 from .keyfile import SealKey
-from .lora_file import read_lora
 from .network import network_from_key
+from .suspect_weights import merge_suspect_into, restore
 
 DEFAULT_PROBES = 8
 DEFAULT_H = 1.0
@@ -169,30 +169,14 @@ def owner_directions(unet, key: SealKey, probes: Probes, h: float = DEFAULT_H, c
 
 
 # -- the suspect's side ---------------------------------------------------------------------------------------------
-def merge_lora_into(unet, path) -> dict[str, torch.Tensor]:
-    """Add a LoRA file's ΔW = up·down (scale in up) to the matching Linear layers of ``unet``; returns the original
-    weights of the changed layers (for :func:`restore_weights`)."""
-    lora = read_lora(path)
-    linears = {n: m for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)}
-    found = lora.by_module(list(linears))
-    originals = {}
-    with torch.no_grad():
-        for name, (down, up) in found.items():
-            w = linears[name].weight
-            if tuple(w.shape) != (up.shape[0], down.shape[1]):
-                raise UserError(f"{path}: {name} is {down.shape[1]}→{up.shape[0]}, the base layer is "
-                                f"{w.shape[1]}→{w.shape[0]} (another base model?)")
-            originals[name] = w.detach().clone()
-            w.add_((up.double() @ down.double()).to(w.dtype).to(w.device))
-    if not found:
-        raise UserError(f"{path}: none of its layers match the base model's UNet (wrong base?)")
-    return originals
+def merge_lora_into(unet, path, strengths=None) -> dict[str, torch.Tensor]:
+    """Load LoRA file(s) into ``unet`` as a frontend does — every layout the weight test reads, conv layers, alpha,
+    strengths (:mod:`seal_diffusion.suspect_weights`); returns the original tensors for :func:`restore_weights`."""
+    return merge_suspect_into(unet, path, strengths)[0]
 
 
-@torch.no_grad()
 def restore_weights(unet, originals: dict[str, torch.Tensor]) -> None:
-    for name, w in originals.items():
-        unet.get_submodule(name).weight.copy_(w)
+    restore(unet, originals)
 
 
 @torch.no_grad()

@@ -311,3 +311,54 @@ def sign_flip_neg_log10_p(d: list[float], resolution: int = 1000) -> float:
         hi += qi
     tail = float(counts.sum()) / 2.0 ** q.size
     return float(-math.log10(max(min(tail, 1.0), 1e-320)))
+
+
+def two_sided_neg_log10_p(d: list[float], resolution: int = 1000) -> float:
+    """−log10 of the two-sided sign-flip p-value: 2·min(P(S ≥ Σd), P(S ≤ Σd)), S = Σ ε_m |d_m| (ε fair signs).
+
+    The distribution of S is symmetric, so the lower tail is the upper tail of −d; p ≤ 2·min of the two one-sided
+    p-values holds whatever the direction, which is what makes a suspect meant for a negative strength (every d_m
+    < 0) detectable. The price: the floor is 2^−(M−1) instead of 2^−M (−log10 p lower by log10 2 = 0.30).
+    """
+    best = max(sign_flip_neg_log10_p(list(d), resolution), sign_flip_neg_log10_p([-x for x in d], resolution))
+    return max(0.0, best - math.log10(2.0))
+
+
+def fit_strengths(prep: PreparedKey, recovered: list[dict[str, torch.Tensor]]) -> list[float]:
+    """Strengths s for files loaded together (Σ s_i·ΔW_i), chosen **without the coins**: the s that puts the largest
+    share of the recovered Ĉ(s) = Σ s_i·Ĉ_i into span{C_m, C_p,m}, module by module (each module weighted equally).
+
+    ``recovered[i]``: Ĉ per module of file i (:func:`_recover`). The criterion is a generalised Rayleigh quotient
+    sᵀQ_in s / sᵀQ_all s with Q_in[i, j] = Σ_m ⟨P_m Ĉ_im, P_m Ĉ_jm⟩ / n_m, Q_all[i, j] = Σ_m ⟨Ĉ_im, Ĉ_jm⟩ / n_m
+    (P_m the projection onto the span, n_m = Σ_i ‖Ĉ_im‖²). Swapping C_m and C_p,m leaves the span, hence s,
+    unchanged: for a suspect that does not derive from the release, s depends on nothing coin-related and the signs
+    of the contrast statistic stay fair coins (the test stays exact). Its sign is arbitrary (the two-sided test
+    covers both); returned scaled so that the largest |s_i| is +1. A split release (A at 1, B at 0.5) is found at
+    s ∝ (1, 0.5): there Ĉ(s) = C lies in the span.
+    """
+    import scipy.linalg
+
+    k = len(recovered)
+    if k == 1:
+        return [1.0]
+    q_in, q_all = np.zeros((k, k)), np.zeros((k, k))
+    modules = [n for n in prep.where if any(n in r for r in recovered)]
+    for name in modules:
+        shape, i = prep.where[name]
+        c = prep.c[shape][i].reshape(-1)
+        c_p = (prep.c[shape][i] - prep.contrast[shape][i]).reshape(-1)
+        basis = torch.linalg.qr(torch.stack([c, c_p], 1))[0]  # r² × 2, orthonormal
+        y = torch.stack([r[name].double().reshape(-1) if name in r else torch.zeros_like(c) for r in recovered])
+        n = float((y * y).sum())
+        if not n > 0 or not math.isfinite(n):
+            continue
+        proj = y @ basis
+        q_in += (proj @ proj.T).numpy() / n
+        q_all += (y @ y.T).numpy() / n
+    if not np.trace(q_all) > 0:
+        return [1.0] * k
+    ridge = 1e-12 * np.trace(q_all) * np.eye(k)
+    _, vecs = scipy.linalg.eigh(q_in, q_all + ridge)
+    s = vecs[:, -1]
+    s = s / s[np.argmax(np.abs(s))]
+    return [float(x) for x in s]

@@ -2,7 +2,11 @@
 
 Each key's algebra (pseudo-inverses, norms) is computed once; each file is read once and tested against every key.
 A file that cannot be read, or holds none of a key's layers under any naming this tool maps, is **not** "not
-detected": its row says "could not be checked" and why, and the scan's exit code is 2.
+detected": its row says "could not be checked" and why, and the scan's exit code is 2. A file for another model family
+than a key (an SDXL LoRA against an SD 1.5 key: layers of the key's names with other shapes; metadata is not trusted) is
+"not applicable" to that key: no test, not counted in the correction, and the exit code is decided by the pairs that
+apply. ``--combine`` loads together, per key, the files of that key's family; their strengths are fitted without the
+coins (:func:`seal_diffusion.verify.verify`).
 
 **Multiple testing.** One test at −log10 p ≥ 3.3 accuses an innocent file with probability ≤ 5·10⁻⁴; a sweep of
 thousands of files × keys would accuse somebody. The verdict of each row is therefore corrected with Holm's step-down
@@ -42,6 +46,7 @@ class ScanRow:
     n_modules: int | None = None
     n_modules_missing: int | None = None
     max_neg_log10_p: float | None = None
+    applicable: bool = True  # False: the file is for another model family than the key (not a test at all)
 
 
 def expand_paths(paths) -> list[Path]:
@@ -84,32 +89,56 @@ def scan(keys, paths, threshold: float = DEFAULT_THRESHOLD, statistic: str = "co
         raise UserError("scan: no files to scan (folders are searched for *.safetensors)")
     rows: list[ScanRow] = []
     suspects: dict[str, list] = {name: [] for name, _, _ in loaded}
+    unreadable = 0
     start = time.perf_counter()
     iterator = progress(files) if progress else files
     for f in iterator:
         try:
             lora = read_lora(f)
         except UserError as exc:
+            unreadable += 1
             rows.extend(ScanRow(name, str(f), None, None, f"could not be checked: {exc}") for name, _, _ in loaded)
             continue
         for name, key, prepared in loaded:
             suspect = lora_suspect(lora, key, str(f))
+            other_family = not_applicable(prepared, suspect)
+            if other_family:
+                rows.append(ScanRow(name, str(f), None, None, f"not applicable: {other_family}", applicable=False))
+                continue
             suspects[name].append(suspect)
             rows.append(_row(name, str(f), prepared, suspect, threshold, statistic))
     if combine and len(files) > 1:
         for name, key, prepared in loaded:
-            label = " + ".join(str(f) for f in files)
-            if len(suspects[name]) < len(files):
-                rows.append(ScanRow(name, label, None, None, "could not be checked: some files could not be read"))
-            else:
+            label = " + ".join(s.path for s in suspects[name])
+            if unreadable:
+                rows.append(ScanRow(name, label or "(none)", None, None,
+                                    "could not be checked: some files could not be read"))
+            elif len(suspects[name]) > 1:  # the files of this key's model family, loaded together
                 rows.append(_row(name, label, prepared, combine_suspects(suspects[name]), threshold, statistic))
     elapsed = time.perf_counter() - start
-    adjusted = holm([r.neg_log10_p for r in rows])
+    adjusted = holm([r.neg_log10_p for r in rows], sum(r.applicable for r in rows) or 1)
     for r, adj in zip(rows, adjusted):
         r.neg_log10_p_adjusted = adj
         if r.detected is not None:
             r.detected = adj >= threshold
     return rows, len(files) / elapsed if elapsed > 0 else float("inf")
+
+
+def not_applicable(prepared, suspect) -> str:
+    """Why a file is for another model family than the key ('' when it is not): a layer the key has under the same
+    name has another shape, so no frontend could load the file onto the key's base model. Metadata
+    (``ss_base_model_version``) is not used: anyone can edit it, and a copy must not escape the test by claiming to
+    be an SDXL file."""
+    for m in sorted(suspect.modules):
+        if m not in prepared.where:
+            continue
+        out_f, in_f = prepared.where[m][0]
+        shape = tuple(suspect.deltas[m].shape) if m in suspect.deltas else \
+            (suspect.factors[m][1].shape[0], suspect.factors[m][0].shape[1])
+        if shape != (out_f, in_f):
+            return (f"a LoRA for another model family ({m} is {shape[1]}→{shape[0]}, the key's layer "
+                    f"{in_f}→{out_f})")
+    return ""
 
 
 def _row(name, label, prepared, suspect, threshold, statistic) -> ScanRow:
@@ -128,8 +157,10 @@ def _row(name, label, prepared, suspect, threshold, statistic) -> ScanRow:
 
 
 def exit_code(rows: list[ScanRow]) -> int:
-    """0: every file checked and at least one detected; 1: none detected; 2: any file could not be checked."""
-    if any(r.detected is None for r in rows):
+    """Decided by the key × file pairs that apply (a file of another model family than a key is not a test): 0: every
+    one checked and at least one detected; 1: none detected; 2: any could not be checked, or none applies."""
+    rows = [r for r in rows if r.applicable]
+    if not rows or any(r.detected is None for r in rows):
         return 2
     return 0 if any(r.detected for r in rows) else 1
 

@@ -18,10 +18,16 @@ labels are therefore a fair coin per module, so the per-module contrast
     d_m = ⟨Ĉ_m, C_m − C_p,m⟩ / (σ√2 · ‖Ĉ_m‖)
 
 has a sign that is +/− with probability ½, independently across modules, whatever its size. The p-value is the exact
-randomisation tail P(Σ ε_m |d_m| ≥ Σ d_m) over fair signs ε_m, computed by dynamic programming on a grid that rounds
-in the conservative direction (:func:`sign_flip_neg_log10_p`). Nothing about "typical" LoRAs is assumed. The price is
-a floor: p ≥ 2^−M (−log10 p ≤ 14.4 for the tiny default's 48 modules, ≤ 38.5 for SD 1.5's 128); a real copy has every
-d_m > 0 and reaches it.
+two-sided randomisation tail 2·min(P(S ≥ Σ d_m), P(S ≤ Σ d_m)), S = Σ ε_m |d_m| over fair signs ε_m, computed by
+dynamic programming on a grid that rounds in the conservative direction (:func:`two_sided_neg_log10_p`): a file meant
+to be loaded at a negative strength (up-weights negated) has every d_m < 0 and is found too. Nothing about "typical"
+LoRAs is assumed. The price is a floor: p ≥ 2^−(M−1) (−log10 p ≤ 14.1 for the tiny default's 48 modules, ≤ 38.2 for
+SD 1.5's 128); a real copy has every d_m > 0 and reaches it.
+
+Files used together (several suspects) are loaded at strengths fitted without the coins
+(:func:`~seal_diffusion.recovery.fit_strengths`): the criterion is symmetric in C and C_p, so the signs stay fair
+coins for any suspect that does not derive from the release, and a release split into parts meant for different
+strengths is found.
 
 ``statistic="correlation"`` is the textbook test z_m = ⟨Ĉ_m, C_m⟩ / (σ‖Ĉ_m‖), pooled Z = Σ z_m/√M, p = Φ̄(Z) in
 log space. It is exactly N(0,1) only when B and A do not depend on the passports (decoy keys); measured on
@@ -47,7 +53,8 @@ from .fileio import safe_open_keys
 from .keyfile import SealKey, check_commitment
 from .lora_file import _add_factors, read_lora
 from .recovery import (  # noqa: F401 - re-exported: verify's public numerical API
-    LN10, PreparedKey, _recover, passport_std, prepare, recover_groups, recover_passports, sign_flip_neg_log10_p)
+    LN10, PreparedKey, _recover, fit_strengths, passport_std, prepare, recover_groups, recover_passports,
+    sign_flip_neg_log10_p, two_sided_neg_log10_p)
 
 STATISTICS = ("contrast", "correlation")
 
@@ -73,6 +80,7 @@ class Suspect:
     deltas: dict[str, torch.Tensor] = field(default_factory=dict)
     layout: str = ""  # the key styles and naming seen, e.g. "kohya; LDM names"
     not_tested: list[str] = field(default_factory=list)  # parts present but not tested
+    parts: list["Suspect"] = field(default_factory=list)  # the files of a combined suspect, each at strength 1
 
     @property
     def modules(self) -> set[str]:
@@ -106,6 +114,8 @@ class VerifyReport:
     suspect_files: list[str] = field(default_factory=list)
     commitment_checked: bool = False
     commitment: str | None = None
+    strengths: list[float] | None = None  # files loaded together: the fitted strengths (coin-blind, sign as found)
+    sign: int = 1  # −1: the passport was found with the opposite sign (a file meant for a negative strength)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -120,9 +130,14 @@ class VerifyReport:
             lines.append(f"  read as: {self.suspect_layout}")
         if self.n_modules_missing and self.max_neg_log10_p is not None:
             lines.append(f"  floor: with {self.n_modules} of the key's {self.n_modules + self.n_modules_missing} "
-                         f"modules the test can reach at most −log10 p = {self.n_modules}·log10 2 = "
+                         f"modules the test can reach at most −log10 p = ({self.n_modules} − 1)·log10 2 = "
                          f"{self.max_neg_log10_p:.1f}" + ("" if self.max_neg_log10_p >= self.threshold else
                                                           f" < threshold {self.threshold}: it can never be detected"))
+        if self.detected and self.sign < 0 and not self.strengths:
+            lines.append("  found with the opposite sign: the file is meant to be loaded at a negative strength")
+        if self.strengths and len(self.strengths) > 1:
+            lines.append("  files loaded together at the strengths fitted without the coins: "
+                         + ", ".join(f"{x:+.3g}" for x in self.strengths))
         if self.not_tested:
             lines.append("  present but not tested: " + "; ".join(self.not_tested))
         lines.append("  key " + (f"matches the published commitment {self.commitment}" if self.commitment_checked
@@ -166,6 +181,10 @@ def verify(
         raise UserError(f"--statistic {statistic!r}: expected one of {', '.join(STATISTICS)}")
     prep = prepare(key)
     key = prep.key
+    strengths = None
+    if statistic == "contrast" and len(suspect.parts) > 1:  # files loaded together: fit their strengths, coin-blind
+        strengths = fit_strengths(prep, [_recover(prep, part)[0] for part in suspect.parts])
+        suspect = combine_suspects(suspect.parts, strengths)
     parts, reconstruction_error = recover_groups(prep, suspect)
     ref_sigma = prep.sigma if statistic == "correlation" else prep.sigma * math.sqrt(2.0)
     refs = prep.references(statistic)
@@ -191,10 +210,13 @@ def verify(
     else:
         z_norm = math.sqrt(sum(z * z for z in zs))
         z_all = sum(zs) / z_norm if z_norm > 0 else 0.0
-        nlp = sign_flip_neg_log10_p(zs)
+        nlp = two_sided_neg_log10_p(zs)
     n = len(zs)
+    sign = -1 if statistic == "contrast" and sum(zs) < 0 else 1
     return VerifyReport(
-        max_neg_log10_p=n * math.log10(2.0) if statistic == "contrast" else None,
+        strengths=[sign * x for x in strengths] if strengths else None,
+        sign=sign,
+        max_neg_log10_p=(n - 1) * math.log10(2.0) if statistic == "contrast" else None,
         suspect_layout=suspect.layout,
         not_tested=list(suspect.not_tested),
         detected=nlp >= threshold,
@@ -248,22 +270,35 @@ def lora_suspect(lora, key: SealKey | PreparedKey, name: str | None = None) -> S
                    deltas=lora.deltas_by_module(modules), layout=layout, not_tested=lora.not_tested(modules))
 
 
-def combine_suspects(suspects: list[Suspect]) -> Suspect:
-    """What a frontend runs when all these files are loaded together (each at strength 1): ΔW added per module.
+def combine_suspects(suspects: list[Suspect], strengths: list[float] | None = None) -> Suspect:
+    """What a frontend runs when all these files are loaded together (each at its strength, default 1): ΔW added
+    per module.
 
     This is the split-LoRA attack's undoing: file A = release + R and file B = −R each look unrelated to the key, but a
-    user loads both and gets exactly the release. Low-rank parts are stacked (down rows, up columns), so their
-    product is the sum; a module that is a full ΔW in any file is summed as ΔW.
+    user loads both and gets exactly the release. Low-rank parts are stacked (down rows, up columns; up scaled by the
+    strength), so their product is the sum; a module that is a full ΔW in any file is summed as ΔW. Files whose
+    layers do not fit together (another model family) are one error. :func:`verify` fits the strengths of the parts
+    (``parts``) itself.
     """
-    if len(suspects) == 1:
+    if len(suspects) == 1 and strengths is None:
         return suspects[0]
+    strengths = [1.0] * len(suspects) if strengths is None else list(strengths)
+    shapes: dict[str, tuple[tuple[int, int], str]] = {}
+    for s in suspects:
+        for m in s.modules:
+            shape = tuple(s.deltas[m].shape) if m in s.deltas else (s.factors[m][1].shape[0], s.factors[m][0].shape[1])
+            if m in shapes and shapes[m][0] != shape:
+                raise UserError(f"{shapes[m][1]} and {s.path} cannot be loaded together: {m} is "
+                                f"{shapes[m][0][1]}→{shapes[m][0][0]} in one and {shape[1]}→{shape[0]} in the other "
+                                "(LoRAs for different model families)")
+            shapes.setdefault(m, (shape, s.path))
     factors: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     deltas: dict[str, torch.Tensor] = {}
-    for s in suspects:
-        for m, pair in s.factors.items():
-            factors.setdefault(m, []).append(pair)
+    for s, w in zip(suspects, strengths):
+        for m, (down, up) in s.factors.items():
+            factors.setdefault(m, []).append((down, up * w) if w != 1.0 else (down, up))
         for m, d in s.deltas.items():
-            deltas[m] = deltas[m] + d if m in deltas else d.clone()
+            deltas[m] = deltas[m] + d * w if m in deltas else d * w
     for m in [m for m in factors if m in deltas]:
         deltas[m] = deltas[m] + sum(u.float() @ d.float() for d, u in factors.pop(m))
     return Suspect(
@@ -271,6 +306,7 @@ def combine_suspects(suspects: list[Suspect]) -> Suspect:
         factors={m: _add_factors(pairs) for m, pairs in factors.items()}, deltas=deltas,
         layout=" + ".join(dict.fromkeys(s.layout or s.format for s in suspects)),
         not_tested=[f"{Path(s.path).name}: {note}" for s in suspects for note in s.not_tested],
+        parts=[p for s in suspects for p in (s.parts or [s])],
     )
 
 

@@ -168,9 +168,14 @@ def test_cache_is_bound_to_key_and_base_and_never_public(fx, tmp_path):
 
 
 def test_cli_functional_needs_base_and_plain_verify_is_unchanged(fx, tmp_path, capsys):
+    """Without --base the base the key records is used (tests/test_suspect_reader.py); a key that records none
+    needs --base."""
     from seal_diffusion.cli import main
 
-    assert main(["verify", "--key", fx["key_path"], fx["lora"], "--functional"]) == 2
+    unknown = SealKey.load(fx["key_path"])
+    unknown.base_model = "unknown"
+    key_path = unknown.save(tmp_path / "nobase.sealkey")
+    assert main(["verify", "--key", str(key_path), fx["lora"], "--functional"]) == 2
     assert "--base" in capsys.readouterr().err
     out = tmp_path / "r.json"
     assert main(["verify", "--key", fx["key_path"], fx["lora"], "--json", str(out)]) == 0

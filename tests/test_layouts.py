@@ -24,7 +24,7 @@ from seal_diffusion.scan import holm, scan
 from seal_diffusion.verify import load_suspect, verify, verify_path
 
 RANK = 4
-FLOOR = 48 * math.log10(2)  # 14.45: every one of the tiny default's 48 modules on the right side
+FLOOR = 47 * math.log10(2)  # 14.15: every one of the tiny default's 48 modules on the right side, two-sided (2^-47)
 
 
 @pytest.fixture(scope="module")
@@ -183,15 +183,15 @@ def test_partial_file_reports_its_floor(owner, tmp_path, capsys):
         lora.entries = dict(list(read_lora(owner["kohya"]).entries.items())[:k])
         lora.save(tmp_path / f"part{k}.safetensors")
     report = verify_path(owner["key_path"], tmp_path / "part10.safetensors")
-    assert report.max_neg_log10_p == pytest.approx(10 * math.log10(2)) and not report.detected
+    assert report.max_neg_log10_p == pytest.approx(9 * math.log10(2)) and not report.detected
     assert report.neg_log10_p <= report.max_neg_log10_p + 1e-9
     assert cli_main(["verify", "--key", str(owner["key_path"]), str(tmp_path / "part10.safetensors"),
                      "--json", str(tmp_path / "r.json")]) == 1
     out = capsys.readouterr().out
-    assert "at most −log10 p = 10·log10 2 = 3.0" in out and "can never be detected" in out
-    assert json.loads((tmp_path / "r.json").read_text())["max_neg_log10_p"] == pytest.approx(3.0103, abs=1e-4)
+    assert "at most −log10 p = (10 − 1)·log10 2 = 2.7" in out and "can never be detected" in out
+    assert json.loads((tmp_path / "r.json").read_text())["max_neg_log10_p"] == pytest.approx(2.7093, abs=1e-4)
     report = verify_path(owner["key_path"], tmp_path / "part20.safetensors")
-    assert report.detected and report.neg_log10_p == pytest.approx(20 * math.log10(2))
+    assert report.detected and report.neg_log10_p == pytest.approx(19 * math.log10(2))
 
 
 def _split(owner, factor: float = 100.0, seed: int = 5):
@@ -244,9 +244,9 @@ def test_scan_corrects_for_files_times_keys(owner, tmp_path, capsys):
         lora.entries = {s: pair for s, pair in read_lora(owner["kohya"]).entries.items() if s in names[:12 + (i == 0)]}
         lora.save(tmp_path / f"f{i:02d}.safetensors")
     rows, _ = scan([owner["key_path"]], [tmp_path])
-    first = rows[0]  # 13 modules, all right: raw 13·log10 2 = 3.91 ≥ 3.3, Holm 3.91 − log10 20 = 2.61
+    first = rows[0]  # 13 modules, all right: raw 12·log10 2 = 3.61 ≥ 3.3 (two-sided), Holm 3.61 − log10 20 = 2.31
     assert first.detected_uncorrected and not first.detected
-    assert first.neg_log10_p_adjusted == pytest.approx(13 * math.log10(2) - math.log10(20))
+    assert first.neg_log10_p_adjusted == pytest.approx(12 * math.log10(2) - math.log10(20))
     assert cli_main(["scan", "--key", str(owner["key_path"]), str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert "Holm" in out and "corrected for 20 tests" in out and "raw p passes, corrected does not" in out

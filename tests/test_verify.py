@@ -195,7 +195,7 @@ def test_copy_is_detected_and_passport_recovered_exactly(owner):
     for path in (owner["kohya"], owner["dir"] / "dl"):
         lora = read_lora(path)
         report = verify(key, _suspect(lora, key))
-        assert report.detected and report.neg_log10_p == pytest.approx(48 * math.log10(2), rel=1e-3)  # p = 2^-48
+        assert report.detected and report.neg_log10_p == pytest.approx(47 * math.log10(2), rel=1e-3)  # p = 2·2^-48
         corr = verify(key, _suspect(lora, key), statistic="correlation")
         assert corr.detected and corr.neg_log10_p > 100
         assert report.n_modules == 48 and report.n_modules_missing == 0 and report.n_entries == 48 * RANK * RANK

@@ -13,23 +13,25 @@ from .common import Output, add_force, check_first
 
 def add_verify_command(sub) -> None:
     p = sub.add_parser("verify", help="ownership test of a LoRA file/folder or a merged model (exit 0 detected, 1 not)",
-                       description="Ownership test. Several SUSPECTs are ONE suspect: the files a user loads "
-                       "together (each at strength 1), their weight updates added before the test — this undoes a "
-                       "LoRA split into parts (A = original + R, B = -R). To test files separately, use scan.")
+                       description="Ownership test (two-sided: also finds a file meant for a negative strength). "
+                       "Several SUSPECTs are ONE suspect: the files a user loads together, their weight updates added "
+                       "at strengths fitted without the secret coins — this undoes a LoRA split into parts (A = "
+                       "original + R at 1, B = -2R at 0.5). To test files separately, use scan.")
     p.add_argument("--key", required=True, help="the private .sealkey file")
     p.add_argument("suspect", nargs="+",
                    help="LoRA .safetensors in any layout diffusers/ComfyUI/A1111 load, a diffusers LoRA folder, or a "
                         "full model; several: tested as loaded together (deltas added)")
     p.add_argument("--commitment", metavar="HEX",
                    help="the commitment you published with the LoRA: the key is refused unless it matches")
-    p.add_argument("--base", help="base model the suspect was merged into (needed for full models)")
+    p.add_argument("--base", help="base model the suspect was merged into (needed for full models; --functional "
+                   "defaults to the base model the key records)")
     p.add_argument("--config", help="local diffusers folder with the configs, for single-file models offline")
     p.add_argument("--json", help="write the report as JSON here")
     add_force(p, "an existing --json file")
     p.add_argument("--threshold", type=float, default=3.3, help="detect when -log10 p >= this (default 3.3, p < 5e-4)")
     p.add_argument("--statistic", default="contrast", choices=["contrast", "correlation"],
                    help="pooled statistic (see docs/verification.md)")
-    g = p.add_argument_group("function-level test (survives distillation; needs --base)")
+    g = p.add_argument_group("function-level test (survives distillation; base: --base, else the key's base model)")
     g.add_argument("--functional", action="store_true",
                    help="also run the function-level test; the verdict combines both (Bonferroni: p = 2·min p)")
     g.add_argument("--probes", type=int, default=8, help="secret probes of the function test (default 8)")
@@ -56,7 +58,8 @@ def cmd_verify(args) -> int:
 
         report = verify_both(args.key, args.suspect, args.base, threshold=args.threshold, statistic=args.statistic,
                              n_probes=args.probes, prompts=args.prompt, config=args.config,
-                             use_cache=not args.no_cache, size=args.probe_size, commitment=args.commitment)
+                             use_cache=not args.no_cache, size=args.probe_size, commitment=args.commitment,
+                             show_progress=True)
     else:
         from ..verify import verify_path
 
@@ -70,9 +73,11 @@ def cmd_verify(args) -> int:
 
 def add_scan_command(sub) -> None:
     p = sub.add_parser("scan", help="verify many files against one or many keys; table of verdicts",
-                       description="Verify every file against every key. Exit 0: every file was checked and at "
-                       "least one detected; 1: none detected; 2: some file could not be checked (unreadable, or none "
-                       "of the key's layers found) or bad input. Verdicts are Holm-corrected for files x keys.")
+                       description="Verify every file against every key. A file for another model family than a "
+                       "key (SDXL vs SD 1.5) is 'not applicable' to it; the exit code is decided by the pairs that "
+                       "apply. Exit 0: every applicable pair was checked and at least one detected; 1: none detected; "
+                       "2: some pair could not be checked (unreadable, or none of the key's layers found), no pair "
+                       "applies, or bad input. Verdicts are Holm-corrected for the applicable files x keys.")
     p.add_argument("--key", required=True, action="append", help="a .sealkey (repeat for several keys)")
     p.add_argument("paths", nargs="+", help="LoRA files or folders (searched for *.safetensors)")
     p.add_argument("--threshold", type=float, default=3.3,
@@ -82,7 +87,8 @@ def add_scan_command(sub) -> None:
                    help="contrast (default): exact sign-flip test on <C^, C - C_p>; correlation: the textbook "
                         "Gaussian test on <C^, C>, over-fires on same-subject LoRAs (see docs/verification.md)")
     p.add_argument("--combine", action="store_true",
-                   help="also test all the files loaded together (deltas added): catches a LoRA split into parts")
+                   help="also test, per key, all the files of its model family loaded together (strengths fitted "
+                        "without the coins): catches a LoRA split into parts")
     p.add_argument("--commitment", action="append", metavar="HEX",
                    help="a published commitment (repeat for several keys): every key must match one, or the scan "
                         "is refused")
@@ -111,7 +117,7 @@ def cmd_scan(args) -> int:
           else "NOT checked against published commitments (pass --commitment HEX)"))
     if args.json:
         write_json_atomic(args.json, {"rows": [vars(r) for r in rows], "files_per_s": rate, "correction": CORRECTION,
-                                      "n_tests": len(rows), "threshold": args.threshold,
+                                      "n_tests": sum(r.applicable for r in rows), "threshold": args.threshold,
                                       "commitment_checked": checked}, overwrite=args.overwrite)
     return exit_code(rows)
 
