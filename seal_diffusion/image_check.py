@@ -48,7 +48,8 @@ from .base_model import load_pipeline, resolve_base
 from .errors import UserError
 from .image_challenge import DEFAULT_GUIDANCE, DEFAULT_N, Challenge, default_challenge_size, \
     default_challenge_steps, make_challenge, subject_prompt_from_card
-from .image_sampler import Progress, directional_statistics, render_midpoint, render_release, to_compare_space
+from .image_sampler import Progress, directional_statistics, midpoint_and_statistics, render_midpoint, \
+    render_release, to_compare_space
 from .keyfile import SealKey
 from .lora_names import unet_modules
 from .render import default_size
@@ -113,14 +114,14 @@ def load_self_test(path: Path) -> float | None:
         return None
 
 
-def self_test_score(pipe, key: SealKey, challenge: Challenge, x_mid: torch.Tensor,
-                    progress: Progress | None = None) -> float:
-    """−log10 p of the owner's own release on this challenge: the challenge rendered with the released passports,
-    saved as 8-bit images, tested like a suspect's. What a service that runs the release exactly as asked scores; a
-    service's images should be compared with it."""
+def reference_with_self_test(pipe, key: SealKey, challenge: Challenge,
+                             progress: Progress | None = None) -> tuple[torch.Tensor, float]:
+    """(x_mid, −log10 p of the owner's own release on this challenge): the challenge rendered with the released
+    passports, rounded to 8 bits like a saved PNG, tested like a suspect's. What a service that runs the release
+    exactly as asked scores; a service's images should be compared with it. x_mid comes from the same pass."""
     release = render_release(pipe, key, challenge, progress=progress)
-    d = directional_statistics(pipe, key, challenge, release - x_mid, list(range(challenge.n)), progress=progress)
-    return sign_flip_neg_log10_p(list(d))
+    x_mid, d = midpoint_and_statistics(pipe, key, challenge, release, progress=progress)
+    return x_mid, sign_flip_neg_log10_p(list(d))
 
 
 def _check_binding(key_path, key: SealKey, challenge: Challenge) -> None:
@@ -268,12 +269,12 @@ def create_challenge(key_path: str | os.PathLike, out: str | os.PathLike, *, bas
                      prompt: str | None = None, n: int = DEFAULT_N, steps: int | None = None,
                      guidance_scale: float = DEFAULT_GUIDANCE, size: int | None = None,
                      compare_size: int | None = None, pipe=None, progress: Progress | None = None,
-                     overwrite: bool = False, self_test: bool = True) -> Challenge:
+                     overwrite: bool = False, self_test: bool = True, seeds: Sequence[int] | None = None) -> Challenge:
     """Write the challenge JSON to ``out`` and the owner's private reference beside the key: what CLI and app call.
 
     ``size`` and ``steps`` default to :func:`~seal_diffusion.image_challenge.default_challenge_size` and
     :func:`~seal_diffusion.image_challenge.default_challenge_steps` (32 px and 4 steps on tiny). With ``self_test``
-    the challenge is also rendered with the owner's own release and tested (:func:`self_test_score`); the score is kept in the private
+    the challenge is also rendered with the owner's own release and tested (:func:`reference_with_self_test`); the score is kept in the private
     reference and returned as ``challenge.self_test`` (not saved in the public JSON). A failure leaves no new
     private file beside the key and no challenge."""
     out = check_output_path(out, overwrite)
@@ -288,15 +289,16 @@ def create_challenge(key_path: str | os.PathLike, out: str | os.PathLike, *, bas
     if size % pipe.vae_scale_factor:
         raise UserError(f"--size {size}: must be a multiple of {pipe.vae_scale_factor}")
     challenge = make_challenge(key, label, prompt, n=n, size=size, steps=steps, guidance_scale=guidance_scale,
-                               compare_size=compare_size)
+                               compare_size=compare_size, seeds=seeds)  # seeds: fresh random ones unless given
     ref = reference_path(key_path, challenge)
     existed = ref.exists()
     try:
-        x_mid = owner_reference(key_path, key, challenge, pipe, progress)
         if self_test:
-            score = self_test_score(pipe, key, challenge, x_mid, progress=progress)
+            x_mid, score = reference_with_self_test(pipe, key, challenge, progress=progress)
             save_reference(x_mid, ref, key, challenge, self_test=score)
             challenge.self_test = score
+        else:
+            owner_reference(key_path, key, challenge, pipe, progress)
         challenge.save(out, overwrite=overwrite)
     except BaseException:
         if not existed and ref.exists():

@@ -165,3 +165,24 @@ def directional_statistics(pipe, key: SealKey, challenge: Challenge, residual: t
                 progress(rows[-1] + 1, len(index), "testing the images against each module's direction")
         line.set(torch.zeros(len(line.names)))
     return grad.numpy() if many else grad[0].numpy()
+
+
+def midpoint_and_statistics(pipe, key: SealKey, challenge: Challenge, suspect: torch.Tensor, batch_size: int = 8,
+                            progress: Progress | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    """(x_mid, d) for a suspect of every challenge entry (compare space) in one pass: the forward at t = 0 that the
+    directional statistics need *is* x_mid, so the owner's reference costs no render of its own."""
+    mids, grad = [], torch.zeros(len(unet_modules(key.modules)), dtype=torch.float64)
+    with PassportLine(pipe, key) as line:
+        for start in range(0, challenge.n, batch_size):
+            rows = list(range(start, min(start + batch_size, challenge.n)))
+            t = torch.zeros(len(line.names), requires_grad=True)
+            line.set(t)
+            with torch.enable_grad():
+                x = to_compare_space(sample(pipe, challenge, rows), challenge.compare_size)
+                mids.append(x.detach().float())
+                (x * (suspect[rows].to(x.dtype) - x.detach())).sum().backward()
+            grad += t.grad.double()
+            if progress:
+                progress(rows[-1] + 1, challenge.n, "owner's reference and self-test")
+        line.set(torch.zeros(len(line.names)))
+    return torch.cat(mids), grad.numpy()

@@ -14,12 +14,14 @@ from PIL import Image
 
 from seal_diffusion.render import generate
 from seal_diffusion.errors import UserError
-from seal_diffusion.image_challenge import Challenge
+from seal_diffusion.image_challenge import DEFAULT_N, DEFAULT_STEPS, Challenge, challenge_prompts, make_challenge
 from seal_diffusion.image_check import create_challenge, reference_path, verify_images
 from seal_diffusion.image_sampler import use_scheduler
 from seal_diffusion.verify import sign_flip_neg_log10_p
+from small_owner import fixed_scrypt_salt
 
-from seal_diffusion.image_challenge import DEFAULT_N, DEFAULT_STEPS, challenge_prompts, make_challenge
+SEEDS = [int(x) for x in np.random.default_rng(22).integers(0, 2 ** 31, DEFAULT_N)]  # seeded challenges
+
 
 N, SIZE, STEPS = DEFAULT_N, 32, DEFAULT_STEPS  # the shipped defaults on tiny (size: half the native 64 px)
 
@@ -49,7 +51,7 @@ def setup(owner_training, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("images")
     key = shutil.copyfile(owner_training["key_path"], tmp / "cat.sealkey")
     pipe = owner_training["pipeline"]
-    ch = create_challenge(key, tmp / "challenge.json", base="tiny", prompt="a photo of sks cat", pipe=pipe)
+    ch = create_challenge(key, tmp / "challenge.json", base="tiny", prompt="a photo of sks cat", pipe=pipe, seeds=SEEDS)
     assert (ch.n, ch.width, ch.steps) == (N, SIZE, STEPS)
     release = _with_lora(pipe, owner_training["diffusers_path"], ch, tmp / "release")
     s = dict(tmp=tmp, key=key, pipe=pipe, ch=ch, challenge=tmp / "challenge.json", release=release,
@@ -202,7 +204,8 @@ def _train(subject_dir, out, prompt, *extra):
                        "--instance_prompt", prompt, "--output_dir", str(out), "--output_name", "run", "--rank", "4",
                        "--max_train_steps", "60", "--learning_rate", "2e-3", "--seed", "0", "--cache_latents",
                        "--resolution", "32", *extra])
-    train(args)["network"].remove()
+    with fixed_scrypt_salt():
+        train(args)["network"].remove()
     return out
 
 
@@ -223,7 +226,8 @@ def test_defaults_detect_the_release_on_other_subjects(setup, photo, tmp_path):
     prompt = PHOTO_SUBJECTS[photo]
     release = _train(data, tmp_path / "release", prompt, "--secret", f"owner of the {photo} subject")
     key = next(release.glob("*.sealkey"))
-    ch = create_challenge(key, tmp_path / "challenge.json", base="tiny", prompt=prompt, pipe=setup["pipe"])
+    ch = create_challenge(key, tmp_path / "challenge.json", base="tiny", prompt=prompt, pipe=setup["pipe"],
+                          seeds=SEEDS)
     assert ch.self_test >= 3.3, f"{photo}: release scores {ch.self_test:.2f} with the defaults"
     plain = _train(data, tmp_path / "plain", prompt, "--method", "lora")
     images = _with_lora(setup["pipe"], plain, ch, tmp_path / "plain_images")
