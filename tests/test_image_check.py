@@ -297,7 +297,7 @@ def test_cli_challenge_and_verify_images_show_progress(setup, tmp_path, capsys):
     images = _render(setup["pipe"], ch, tmp_path / "imgs")[:2]
     assert main(["verify-images", "--key", str(key), "--challenge", str(out), *map(str, images)]) in (0, 1)
     cap = capsys.readouterr()
-    assert "testing the images" in cap.err and "robustness" in cap.out
+    assert "testing the images" in cap.err and "does NOT survive another sampler" in cap.out
     notes = tmp_path / "notes.txt"
     notes.write_text("hello")
     assert main(["verify-images", "--key", str(key), "--challenge", str(out), str(notes)]) == 2
