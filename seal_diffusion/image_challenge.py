@@ -29,7 +29,8 @@ VERSION = 1
 SETTINGS = (
     "", "on a beach", "in the snow", "on a sofa", "in a garden", "on a wooden table", "in the jungle",
     "on a cobblestone street", "in a kitchen", "by a window", "in a forest", "on a mountain top", "in a city at night",
-    "on a boat", "in the rain", "in a field of flowers", "on a red carpet", "in a library", "at sunset", "in the desert",
+    "on a boat", "in the rain", "in a field of flowers", "on a red carpet", "in a library", "at sunset",
+    "in the desert",
     "underwater", "in a living room", "on a bed", "next to a lake", "on the grass", "in front of a brick wall",
     "in autumn leaves", "on a rooftop",
 )

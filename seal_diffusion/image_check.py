@@ -278,7 +278,8 @@ def create_challenge(key_path: str | os.PathLike, out: str | os.PathLike, *, bas
 
     ``size`` and ``steps`` default to :func:`~seal_diffusion.image_challenge.default_challenge_size` and
     :func:`~seal_diffusion.image_challenge.default_challenge_steps` (32 px and 4 steps on tiny). With ``self_test``
-    the challenge is also rendered with the owner's own release and tested (:func:`reference_with_self_test`); the score is kept in the private
+    the challenge is also rendered with the owner's own release and tested (:func:`reference_with_self_test`); the
+    score is kept in the private
     reference and returned as ``challenge.self_test`` (not saved in the public JSON). A failure leaves no new
     private file beside the key and no challenge."""
     out = check_output_path(out, overwrite)

@@ -144,9 +144,9 @@ def render_release(pipe, key: SealKey, challenge: Challenge, batch_size: int = 8
 
 def directional_statistics(pipe, key: SealKey, challenge: Challenge, residual: torch.Tensor, index: Sequence[int],
                            batch_size: int = 8, progress: Progress | None = None) -> np.ndarray:
-    """d_l = ⟨r, ∂x/∂t_l⟩ at t = 0 for every module at once: one backward pass per batch of images (the images are
-    independent, so the sum over batches is exact and memory stays bounded). ``residual``: (n, 3, S, S) → (L,), or
-    several residuals (k, n, 3, S, S) → (k, L) from one forward pass per batch (one backward per residual)."""
+    """d_l = ⟨r, ∂x/∂t_l⟩ at t = 0 for every module at once: one backward pass per batch of images (the images
+    are independent, so the sum over batches is exact and memory stays bounded). ``residual``: (n, 3, S, S) →
+    (L,), or several residuals (k, n, 3, S, S) → (k, L) from one forward pass per batch (one backward each)."""
     many = residual.dim() == 5
     residuals = residual if many else residual.unsqueeze(0)
     grad = torch.zeros(residuals.shape[0], len(unet_modules(key.modules)), dtype=torch.float64)

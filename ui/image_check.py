@@ -29,7 +29,8 @@ def _handlers(ws, default_base: str):
         ch = create_challenge(key_copy, out, base=(base or "").strip() or default_base,
                               prompt=(prompt or "").strip() or None, n=n, overwrite=True)
         return str(out), (f"Challenge ready: {ch.n} prompts with fixed seeds ({ch.scheduler}, {ch.steps} steps, "
-                          f"CFG {ch.guidance_scale:g}, {ch.width}×{ch.height}, LoRA strength 1). Ask the service you suspect "
+                          f"CFG {ch.guidance_scale:g}, {ch.width}×{ch.height}, LoRA strength 1). Ask the service you "
+                          f"suspect "
                           f"for all {ch.n} images exactly as listed in the JSON, then check them below."
                           + (f" Self-test: your own release scores {ch.self_test:.1f} on this challenge "
                              "(detected from 3.3); a service's images should be compared with that."
@@ -75,7 +76,8 @@ def image_check_tab(ws, base: str) -> None:
             with gr.Column():
                 key = gr.File(label="Your private key (.sealkey)", type="filepath", elem_id="images-key")
                 prompt = gr.Textbox(label="Subject prompt (the one you trained with)", elem_id="images-prompt")
-                n = gr.Number(label=f"Number of images (default {DEFAULT_N})", value=DEFAULT_N, precision=0, elem_id="images-n")
+                n = gr.Number(label=f"Number of images (default {DEFAULT_N})", value=DEFAULT_N, precision=0,
+                              elem_id="images-n")
                 base_in = gr.Textbox(label="Base model", value=base, elem_id="images-base")
                 make_btn = gr.Button("1 · Make a challenge", elem_id="images-make-btn")
                 challenge_out = gr.File(label="Challenge (give this to the service)", interactive=False,
