@@ -10,7 +10,7 @@ THRESHOLD = 3.3  # detect when −log10 p ≥ this (p < 5·10⁻⁴): verify, sc
 DEMO_STEPS = 60  # training steps of each LoRA in `demo`
 
 CHALLENGE_N = 32  # images of an image challenge
-CHALLENGE_STEPS = 10  # sampler steps of an image challenge
+CHALLENGE_STEPS = 4  # sampler steps of an image challenge on the tiny test models (20 on real models)
 CHALLENGE_GUIDANCE = 7.5  # classifier-free guidance of an image challenge
 
 COMPARE_SUBJECT = "sks cat"

@@ -5,8 +5,10 @@ and how one is made from a key and a subject prompt (:mod:`seal_diffusion.image_
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
+import random
 import re
 import secrets
 from dataclasses import asdict, dataclass
@@ -21,11 +23,49 @@ from .keyfile import SealKey
 
 FORMAT = "seal-image-challenge"
 VERSION = 1
-GENERIC_PROMPTS = (
-    "a photo of a dog", "a landscape with mountains", "a red car on a street", "a bowl of fruit on a table",
-    "a portrait of a woman", "a city skyline at night", "a house in the forest", "a painting of flowers",
+# The private prompt pool: every challenge draws its prompts from these parts with a generator seeded by the owner's
+# secret (HMAC over the key's passports, coin-symmetric) and the challenge's own random seeds, so the prompts look like
+# ordinary requests for the subject and change with every challenge: 28 settings × 16 styles × 12 details = 5,376
+# subject prompts, and 40 × 16 × 12 = 7,680 generic ones. A service cannot tell them from other customers' requests
+# by matching a fixed list.
+SETTINGS = (
+    "", "on a beach", "in the snow", "on a sofa", "in a garden", "on a wooden table", "in the jungle",
+    "on a cobblestone street", "in a kitchen", "by a window", "in a forest", "on a mountain top", "in a city at night",
+    "on a boat", "in the rain", "in a field of flowers", "on a red carpet", "in a library", "at sunset",
+    "in the desert",
+    "underwater", "in a living room", "on a bed", "next to a lake", "on the grass", "in front of a brick wall",
+    "in autumn leaves", "on a rooftop",
 )
-SUBJECT_VARIANTS = ("{}", "{} on a beach", "{} in the snow", "{} on a sofa", "a drawing of {}", "{}, close-up")
+STYLES = (
+    "", "a photo of", "a close-up of", "a drawing of", "a watercolor painting of", "an oil painting of",
+    "a 3d render of", "a polaroid of", "a cartoon of", "a pencil sketch of", "a professional photo of",
+    "a cinematic still of", "a portrait of", "a wide shot of", "an illustration of", "a digital art of",
+)
+DETAILS = (
+    "", "high detail", "soft light", "golden hour", "4k", "bokeh", "studio lighting", "vibrant colors",
+    "film grain", "sharp focus", "pastel colors", "dramatic lighting",
+)
+GENERIC_SUBJECTS = (
+    "a dog", "a landscape with mountains", "a red car", "a bowl of fruit", "a woman", "a city skyline", "a house",
+    "flowers", "a lighthouse", "a bicycle", "an old man", "a cup of coffee", "a sailing ship", "a horse", "a castle",
+    "a bridge", "a bird", "a tree", "a guitar", "a cake", "a train", "a child", "a teapot", "a pair of shoes",
+    "a waterfall", "a robot", "a mountain lake", "a street market", "a fox", "a bookshelf", "a vase", "a beach hut",
+    "an owl", "a motorcycle", "a windmill", "a chair", "a lamp", "a hot air balloon", "a snowy village", "a rabbit",
+)
+
+
+def default_challenge_steps(native: int) -> int:
+    """The challenge's default sampler steps: 4 on the tiny test models (native ≤ 64 px; what was measured, and 2.5×
+    cheaper than 10 for the same power), 20 on real models (not measured here: a real service renders ≥ 20)."""
+    return DEFAULT_STEPS if native <= 64 else 20
+
+
+def default_challenge_size(native: int) -> int:
+    """The challenge's default image side: the model's native size, half of it on the tiny test models (native ≤ 64
+    px), where 64 px costs ~10× the time of 32 px for no more power (docs/verification.md)."""
+    return native // 2 if native <= 64 else native
+
+
 DEFAULT_SCHEDULER = "DDIMScheduler"
 
 
@@ -57,8 +97,8 @@ class Challenge:
     def sha256(self) -> str:
         return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
 
-    def save(self, path: str | os.PathLike) -> Path:
-        return write_json_atomic(path, self.to_json())
+    def save(self, path: str | os.PathLike, overwrite: bool = True) -> Path:
+        return write_json_atomic(path, self.to_json(), overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Challenge":
@@ -95,24 +135,45 @@ def subject_prompt_from_card(key_path: str | os.PathLike) -> str | None:
         return None
 
 
-def make_challenge(key: SealKey, base_label: str, prompt: str, *, n: int = DEFAULT_N, size: int = 64,
+def challenge_prompts(key: SealKey, prompt: str, seeds: Sequence[int]) -> list[str]:
+    """The challenge's prompts, drawn from the private pool (see ``SETTINGS``) by a generator seeded with
+    HMAC-SHA256(key secret, seeds): three quarters show the subject (``prompt``, e.g. "a photo of sks cat", with a
+    style, setting and detail), one quarter other subjects. Only the key's owner can reproduce the draw."""
+    from .probes import probe_secret  # the key's coin-symmetric secret (needs both passports)
+
+    n = len(seeds)
+    msg = b"seal-image-challenge-prompts-v2\0" + b",".join(str(int(x)).encode() for x in seeds)
+    rng = random.Random(hmac.new(probe_secret(key), msg, hashlib.sha256).digest())
+    core = re.sub(r"^(a |an )?(photo|picture|image) of ", "", prompt.strip(), flags=re.I) or prompt.strip()
+    n_subject = max(1, (3 * n + 3) // 4)
+    out = []
+    for i in range(n):
+        thing = prompt.strip() if i < n_subject and rng.random() < 0.25 else (core if i < n_subject else
+                                                                           rng.choice(GENERIC_SUBJECTS))
+        style, setting, detail = rng.choice(STYLES), rng.choice(SETTINGS), rng.choice(DETAILS)
+        text = thing if thing == prompt.strip() else " ".join(x for x in (style, thing) if x)
+        text = " ".join(x for x in (text, setting) if x)
+        out.append(f"{text}, {detail}" if detail else text)
+    order = list(range(n))
+    rng.shuffle(order)  # subject and other prompts interleaved, in a secret order
+    return [out[k] for k in order]
+
+
+def make_challenge(key: SealKey, base_label: str, prompt: str, *, n: int = DEFAULT_N, size: int = 32,
                    steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
                    scheduler: str = DEFAULT_SCHEDULER, compare_size: int | None = None,
                    seeds: Sequence[int] | None = None) -> Challenge:
-    """n entries: three quarters the subject prompt in a few settings, one quarter generic prompts; fresh seeds."""
+    """n entries with fresh random seeds and prompts from the private pool (:func:`challenge_prompts`)."""
     if n < 1:
         raise UserError(f"--n {n}: need at least one image")
     if not prompt.strip():
         raise UserError("--prompt: empty")
-    n_subject = max(1, (3 * n + 3) // 4)
-    prompts = [SUBJECT_VARIANTS[i % len(SUBJECT_VARIANTS)].format(prompt) for i in range(n_subject)]
-    prompts += [GENERIC_PROMPTS[i % len(GENERIC_PROMPTS)] for i in range(n - n_subject)]
     seeds = list(seeds) if seeds is not None else [secrets.randbelow(2 ** 31) for _ in range(n)]
     if len(seeds) != n:
         raise UserError(f"seeds: {len(seeds)} given for {n} images")
+    prompts = challenge_prompts(key, prompt, seeds)
     compare = compare_size or max(1, size // 2)
     if not 0 < compare <= size:
         raise UserError(f"--compare_size {compare}: must be between 1 and the image size {size}")
     return Challenge(base_label, prompts, [int(s) for s in seeds], scheduler, steps, guidance_scale, size, size,
                      compare, key.commitment())
-

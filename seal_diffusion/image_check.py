@@ -46,15 +46,22 @@ from safetensors.torch import save as st_save
 
 from .base_model import load_pipeline, resolve_base
 from .errors import UserError
-from .image_challenge import DEFAULT_GUIDANCE, DEFAULT_N, DEFAULT_STEPS, Challenge, make_challenge, \
-    subject_prompt_from_card
-from .image_sampler import Progress, directional_statistics, render_midpoint, to_compare_space
+from .image_challenge import DEFAULT_GUIDANCE, DEFAULT_N, Challenge, default_challenge_size, \
+    default_challenge_steps, make_challenge, subject_prompt_from_card
+from .image_sampler import Progress, directional_statistics, midpoint_and_statistics, render_midpoint, \
+    render_release, to_compare_space
 from .keyfile import SealKey
 from .lora_names import unet_modules
 from .render import default_size
 from .verify import sign_flip_neg_log10_p
 
 REF_FORMAT = "seal-image-reference"
+# What benchmarks/image_check_matrix.py measured (docs/verification.md has the table); printed by verify-images.
+ROBUSTNESS_NOTE = (
+    "where this check ends (tiny, cat release, 16 images; benchmarks/image_check_matrix.py): survives JPEG 75/50 "
+    "(4.9/4.5 of 5.4 as asked), resize ±10 % (5.4), centre crop 87.5 % (4.5), CFG ±2.5 (5.2/4.4); does NOT survive "
+    "another sampler (Euler 2.5, Euler a 1.6, DPM++ 2M 2.2), other steps (8: 1.0, 20: 0.5), LoRA strength < 1 "
+    "(0.85: 2.4, 0.7: 0.4) or another size (48 px: 0.4). Innocents ≤ 1.1 everywhere. See docs/verification.md.")
 
 
 # -- the private reference cache ---------------------------------------------------------------------------------------
@@ -63,9 +70,12 @@ def reference_path(key_path: str | os.PathLike, challenge: Challenge) -> Path:
     return key_path.with_name(f"{key_path.stem}.imgref-{challenge.sha256()[:16]}.safetensors")
 
 
-def save_reference(x_mid: torch.Tensor, path: Path, key: SealKey, challenge: Challenge) -> Path:
-    """Write x_mid beside the key, mode 0600 from the start (it is derived from the key's passports)."""
+def save_reference(x_mid: torch.Tensor, path: Path, key: SealKey, challenge: Challenge,
+                   self_test: float | None = None) -> Path:
+    """Write x_mid (and the self-test score) beside the key, mode 0600 from the start (derived from the passports)."""
     meta = {"format": REF_FORMAT, "key_commitment": key.commitment(), "challenge_sha256": challenge.sha256()}
+    if self_test is not None:
+        meta["self_test_neg_log10_p"] = f"{self_test:.4f}"
     data = st_save({"x_mid": x_mid.float().contiguous()}, metadata=meta)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -98,6 +108,26 @@ def load_reference(path: Path, key: SealKey, challenge: Challenge) -> torch.Tens
     return x_mid if tuple(x_mid.shape) == (challenge.n, 3, s, s) else None
 
 
+def load_self_test(path: Path) -> float | None:
+    """The self-test score kept in the private reference (None when absent)."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            value = (fh.metadata() or {}).get("self_test_neg_log10_p")
+        return float(value) if value is not None else None
+    except Exception:
+        return None
+
+
+def reference_with_self_test(pipe, key: SealKey, challenge: Challenge,
+                             progress: Progress | None = None) -> tuple[torch.Tensor, float]:
+    """(x_mid, −log10 p of the owner's own release on this challenge): the challenge rendered with the released
+    passports, rounded to 8 bits like a saved PNG, tested like a suspect's. What a service that runs the release
+    exactly as asked scores; a service's images should be compared with it. x_mid comes from the same pass."""
+    release = render_release(pipe, key, challenge, progress=progress)
+    x_mid, d = midpoint_and_statistics(pipe, key, challenge, release, progress=progress)
+    return x_mid, sign_flip_neg_log10_p(list(d))
+
+
 def _check_binding(key_path, key: SealKey, challenge: Challenge) -> None:
     if challenge.key_commitment != key.commitment():
         raise UserError(f"challenge was made for another key (its commitment {challenge.key_commitment[:12]}… is not "
@@ -128,6 +158,7 @@ class ImageReport:
     exact: bool = True  # False for an image passport: no release coin, the p-value is indicative only
     statistic: str = "sign-flip over modules of <suspect - midpoint, d image / d t_l>"
     per_module: list[dict] = field(default_factory=list)
+    self_test: float | None = None  # the owner's own release on this challenge (−log10 p), when known
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -137,7 +168,9 @@ class ImageReport:
                    else "not detected")
         note = "" if self.exact else "; indicative only: an image passport has no release coin"
         return (f"{verdict} (−log10 p = {self.neg_log10_p:.1f}, threshold {self.threshold}; {self.n_images} images, "
-                f"{self.n_positive} of {self.n_modules} modules lean the released way{note})")
+                f"{self.n_positive} of {self.n_modules} modules lean the released way{note})"
+                + (f"\nyour own release scores {self.self_test:.1f} on this challenge (rendered exactly as asked); "
+                   "a service's images should be compared with that" if self.self_test is not None else ""))
 
 
 def check_images(pipe, key: SealKey, challenge: Challenge, x_mid: torch.Tensor, suspect: torch.Tensor,
@@ -186,8 +219,10 @@ def load_images(paths: Sequence[str | os.PathLike], challenge: Challenge) -> tor
                 if im.size != (challenge.width, challenge.height):
                     im = im.resize((challenge.width, challenge.height), Image.Resampling.BICUBIC)
                 arr = np.asarray(im, dtype=np.float32) / 255.0
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise UserError(f"{p}: not a readable image ({type(exc).__name__}: {exc})") from exc
+        except UnidentifiedImageError as exc:
+            raise UserError(f"{p}: not an image (PNG, JPEG or WebP expected)") from exc
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{p}: not a readable image ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
         out.append(torch.from_numpy(arr).permute(2, 0, 1))
     return to_compare_space(torch.stack(out), challenge.compare_size)
 
@@ -208,29 +243,70 @@ def verify_images(key_path: str | os.PathLike, challenge: str | os.PathLike | Ch
     key = SealKey.load(key_path)
     challenge = challenge if isinstance(challenge, Challenge) else Challenge.load(challenge)
     _check_binding(key_path, key, challenge)
+    suspect = load_images(images, challenge)  # first: a file that is not an image is named as such
     index = match_images(images, challenge)
-    suspect = load_images(images, challenge)
     pipe = _pipeline(pipe, base or challenge.base_model)
     x_mid = owner_reference(key_path, key, challenge, pipe, progress)
-    return check_images(pipe, key, challenge, x_mid, suspect, index, threshold, progress)
+    report = check_images(pipe, key, challenge, x_mid, suspect, index, threshold, progress)
+    report.self_test = load_self_test(reference_path(key_path, challenge))
+    return report
+
+
+def check_output_path(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse a bad ``--out`` before any slow work: a folder, an existing file (unless ``overwrite``), or a place
+    that cannot be written (a parent that is a file, a read-only folder)."""
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"{out}: is a folder; expected the challenge JSON path")
+    if out.exists() and not overwrite:
+        raise UserError(f"{out}: challenge already exists; refusing to overwrite it (pass --force to replace it)")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        why = "not a folder" if not parent.is_dir() else "read-only"
+        raise UserError(f"{out}: cannot write here ({parent} is {why})")
+    return out
 
 
 def create_challenge(key_path: str | os.PathLike, out: str | os.PathLike, *, base: str = "tiny",
-                     prompt: str | None = None, n: int = DEFAULT_N, steps: int = DEFAULT_STEPS,
+                     prompt: str | None = None, n: int = DEFAULT_N, steps: int | None = None,
                      guidance_scale: float = DEFAULT_GUIDANCE, size: int | None = None,
-                     compare_size: int | None = None, pipe=None, progress: Progress | None = None) -> Challenge:
-    """Write the challenge JSON to ``out`` and the owner's private reference beside the key: what CLI and app call."""
+                     compare_size: int | None = None, pipe=None, progress: Progress | None = None,
+                     overwrite: bool = False, self_test: bool = True, seeds: Sequence[int] | None = None) -> Challenge:
+    """Write the challenge JSON to ``out`` and the owner's private reference beside the key: what CLI and app call.
+
+    ``size`` and ``steps`` default to :func:`~seal_diffusion.image_challenge.default_challenge_size` and
+    :func:`~seal_diffusion.image_challenge.default_challenge_steps` (32 px and 4 steps on tiny). With ``self_test``
+    the challenge is also rendered with the owner's own release and tested (:func:`reference_with_self_test`); the
+    score is kept in the private
+    reference and returned as ``challenge.self_test`` (not saved in the public JSON). A failure leaves no new
+    private file beside the key and no challenge."""
+    out = check_output_path(out, overwrite)
     key = SealKey.load(key_path)
     prompt = prompt or subject_prompt_from_card(key_path)
     if not prompt:
         raise UserError("--prompt: not given, and no model card (README.md) with instance_prompt beside the key")
     label = resolve_base(base).label
     pipe = _pipeline(pipe, base)
-    size = size or default_size(pipe)
+    size = size or default_challenge_size(default_size(pipe))
+    steps = steps or default_challenge_steps(default_size(pipe))
     if size % pipe.vae_scale_factor:
         raise UserError(f"--size {size}: must be a multiple of {pipe.vae_scale_factor}")
     challenge = make_challenge(key, label, prompt, n=n, size=size, steps=steps, guidance_scale=guidance_scale,
-                               compare_size=compare_size)
-    owner_reference(key_path, key, challenge, pipe, progress)
-    challenge.save(out)
+                               compare_size=compare_size, seeds=seeds)  # seeds: fresh random ones unless given
+    ref = reference_path(key_path, challenge)
+    existed = ref.exists()
+    try:
+        if self_test:
+            x_mid, score = reference_with_self_test(pipe, key, challenge, progress=progress)
+            save_reference(x_mid, ref, key, challenge, self_test=score)
+            challenge.self_test = score
+        else:
+            owner_reference(key_path, key, challenge, pipe, progress)
+        challenge.save(out, overwrite=overwrite)
+    except BaseException:
+        if not existed and ref.exists():
+            ref.unlink()
+        raise
     return challenge

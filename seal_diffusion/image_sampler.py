@@ -127,11 +127,29 @@ def render_midpoint(pipe, key: SealKey, challenge: Challenge, batch_size: int = 
     return torch.cat(out)
 
 
+def render_release(pipe, key: SealKey, challenge: Challenge, batch_size: int = 8,
+                   progress: Progress | None = None) -> torch.Tensor:
+    """The challenge as the owner's release renders it (released passports C), rounded to 8 bits like a saved PNG,
+    in compare space (n, 3, S, S): the self-test's suspect."""
+    out = []
+    with PassportLine(pipe, key) as line, torch.no_grad():
+        line.set(torch.ones(len(line.names)))  # M + D = C, the released passport
+        for start in range(0, challenge.n, batch_size):
+            idx = list(range(start, min(start + batch_size, challenge.n)))
+            out.append(to_compare_space(torch.round(sample(pipe, challenge, idx) * 255) / 255, challenge.compare_size))
+            if progress:
+                progress(idx[-1] + 1, challenge.n, "your release's images (self-test)")
+    return torch.cat(out)
+
+
 def directional_statistics(pipe, key: SealKey, challenge: Challenge, residual: torch.Tensor, index: Sequence[int],
-                           batch_size: int = 4, progress: Progress | None = None) -> np.ndarray:
-    """d_l = ⟨r, ∂x/∂t_l⟩ at t = 0 for every module at once: one backward pass per batch of images (the images are
-    independent, so the sum over batches is exact and memory stays bounded)."""
-    grad = torch.zeros(len(unet_modules(key.modules)), dtype=torch.float64)
+                           batch_size: int = 8, progress: Progress | None = None) -> np.ndarray:
+    """d_l = ⟨r, ∂x/∂t_l⟩ at t = 0 for every module at once: one backward pass per batch of images (the images
+    are independent, so the sum over batches is exact and memory stays bounded). ``residual``: (n, 3, S, S) →
+    (L,), or several residuals (k, n, 3, S, S) → (k, L) from one forward pass per batch (one backward each)."""
+    many = residual.dim() == 5
+    residuals = residual if many else residual.unsqueeze(0)
+    grad = torch.zeros(residuals.shape[0], len(unet_modules(key.modules)), dtype=torch.float64)
     with PassportLine(pipe, key) as line:
         for start in range(0, len(index), batch_size):
             rows = list(range(start, min(start + batch_size, len(index))))
@@ -139,10 +157,32 @@ def directional_statistics(pipe, key: SealKey, challenge: Challenge, residual: t
             line.set(t)
             with torch.enable_grad():
                 x = to_compare_space(sample(pipe, challenge, [index[i] for i in rows]), challenge.compare_size)
-                (x * residual[rows].to(x.dtype)).sum().backward()
-            grad += t.grad.double()
+                for k in range(residuals.shape[0]):
+                    (g,) = torch.autograd.grad((x * residuals[k, rows].to(x.dtype)).sum(), t,
+                                               retain_graph=k + 1 < residuals.shape[0])
+                    grad[k] += g.double()
             if progress:
                 progress(rows[-1] + 1, len(index), "testing the images against each module's direction")
         line.set(torch.zeros(len(line.names)))
-    return grad.numpy()
+    return grad.numpy() if many else grad[0].numpy()
 
+
+def midpoint_and_statistics(pipe, key: SealKey, challenge: Challenge, suspect: torch.Tensor, batch_size: int = 8,
+                            progress: Progress | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    """(x_mid, d) for a suspect of every challenge entry (compare space) in one pass: the forward at t = 0 that the
+    directional statistics need *is* x_mid, so the owner's reference costs no render of its own."""
+    mids, grad = [], torch.zeros(len(unet_modules(key.modules)), dtype=torch.float64)
+    with PassportLine(pipe, key) as line:
+        for start in range(0, challenge.n, batch_size):
+            rows = list(range(start, min(start + batch_size, challenge.n)))
+            t = torch.zeros(len(line.names), requires_grad=True)
+            line.set(t)
+            with torch.enable_grad():
+                x = to_compare_space(sample(pipe, challenge, rows), challenge.compare_size)
+                mids.append(x.detach().float())
+                (x * (suspect[rows].to(x.dtype) - x.detach())).sum().backward()
+            grad += t.grad.double()
+            if progress:
+                progress(rows[-1] + 1, challenge.n, "owner's reference and self-test")
+        line.set(torch.zeros(len(line.names)))
+    return torch.cat(mids), grad.numpy()

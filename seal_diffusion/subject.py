@@ -48,3 +48,25 @@ def load_prompts(kind: str = "live_subjects", subject: str = f"{SUBJECT_TOKEN} {
         raise FileNotFoundError(f"{path}: prompt list not found (kinds: objects, live_subjects)")
     lines = [l.strip() for l in path.read_text().splitlines()]
     return [l.format(subject) for l in lines if l and not l.startswith("#")]
+
+
+# Other subjects for measurements (benchmarks/image_check_matrix.py, tests): scikit-image's bundled photos, each cut
+# like the cat into four centred square crops (100 %, 90 %, 80 %, 70 % of the short side) and their mirror images.
+PHOTO_SUBJECTS = {"coffee": "a photo of sks cup", "astronaut": "a photo of sks person", "rocket": "a photo of sks rocket"}
+
+
+def write_photo_subject(out_dir: str | os.PathLike, photo: str, size: int = 64) -> Path:
+    """Write eight ``size``×``size`` crops of ``skimage.data.<photo>()`` (``coffee``, ``astronaut``, ``rocket``)."""
+    if photo not in PHOTO_SUBJECTS:
+        raise ValueError(f"photo subject {photo!r}: one of {', '.join(PHOTO_SUBJECTS)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(getattr(skimage_data, photo)()).convert("RGB")
+    w, h = image.size
+    for i, frac in enumerate((1.0, 0.9, 0.8, 0.7)):
+        side = int(min(w, h) * frac)
+        left, top = (w - side) // 2 + 7 * i, (h - side) // 2
+        crop = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
+        crop.save(out / f"{photo}_{2 * i:02d}.png")
+        crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(out / f"{photo}_{2 * i + 1:02d}.png")
+    return out

@@ -1,5 +1,7 @@
-"""The check from generated images alone: the release is found in images it rendered (also after JPEG and
-resizing) and in a distilled copy's; innocents are not accused; bad input is one clear error."""
+"""The check from generated images alone, with the shipped defaults: the release is found in images it rendered (also
+after JPEG and resizing) on three subjects and in a distilled copy's; innocents (plain LoRA of the same subject and
+seed, SEAL under another key, the base) are not accused; challenges draw private prompts; bad input is one clear
+error; ``challenge --out`` is checked first and a failed challenge leaves nothing behind."""
 
 import json
 import shutil
@@ -12,12 +14,16 @@ from PIL import Image
 
 from seal_diffusion.render import generate
 from seal_diffusion.errors import UserError
-from seal_diffusion.image_challenge import Challenge
+from seal_diffusion.image_challenge import DEFAULT_N, DEFAULT_STEPS, Challenge, challenge_prompts, make_challenge
 from seal_diffusion.image_check import create_challenge, reference_path, verify_images
 from seal_diffusion.image_sampler import use_scheduler
 from seal_diffusion.verify import sign_flip_neg_log10_p
+from small_owner import fixed_scrypt_salt
 
-N, SIZE, STEPS = 12, 32, 4  # small and fast; the CLI defaults are 32 images at the model's size, 10 steps
+SEEDS = [int(x) for x in np.random.default_rng(22).integers(0, 2 ** 31, DEFAULT_N)]  # seeded challenges
+
+
+N, SIZE, STEPS = DEFAULT_N, 32, DEFAULT_STEPS  # the shipped defaults on tiny (size: half the native 64 px)
 
 
 def _render(pipe, ch: Challenge, folder, names="img_{:03d}.png"):
@@ -45,10 +51,11 @@ def setup(owner_training, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("images")
     key = shutil.copyfile(owner_training["key_path"], tmp / "cat.sealkey")
     pipe = owner_training["pipeline"]
-    ch = create_challenge(key, tmp / "challenge.json", base="tiny", prompt="a photo of sks cat", n=N, steps=STEPS,
-                          size=SIZE, pipe=pipe)
+    ch = create_challenge(key, tmp / "challenge.json", base="tiny", prompt="a photo of sks cat", pipe=pipe, seeds=SEEDS)
+    assert (ch.n, ch.width, ch.steps) == (N, SIZE, STEPS)
     release = _with_lora(pipe, owner_training["diffusers_path"], ch, tmp / "release")
-    s = dict(tmp=tmp, key=key, pipe=pipe, ch=ch, challenge=tmp / "challenge.json", release=release)
+    s = dict(tmp=tmp, key=key, pipe=pipe, ch=ch, challenge=tmp / "challenge.json", release=release,
+             self_test=ch.self_test)
     s["report"] = _check(s, release)
     return s
 
@@ -63,6 +70,10 @@ def test_release_detected_from_its_images_even_after_jpeg_and_resize(setup):
     assert "x_mid" not in setup["challenge"].read_text()
     report = setup["report"]
     assert report.detected, report.summary()
+    # the self-test (the owner's own render of the release, done by `challenge`) is what a diffusers service scores
+    assert report.self_test == pytest.approx(setup["self_test"], abs=1e-3)
+    assert abs(report.neg_log10_p - report.self_test) < 0.5, report.summary()
+    assert "your own release scores" in report.summary()
     for scale in (0.9, 1.1):
         out = []
         for p in setup["release"]:
@@ -144,8 +155,12 @@ def test_bad_input_is_one_clear_error(setup, tmp_path):
         _check(setup, unnamed)
     broken = tmp_path / "img_000.png"
     broken.write_bytes(b"not an image")
-    with pytest.raises(UserError, match="not a readable image"):
+    with pytest.raises(UserError, match="img_000.png: not an image"):
         _check(setup, [broken] + release[1:])
+    notes = tmp_path / "notes.txt"  # no entry number, not an image: named as such (not "1 images given")
+    notes.write_text("my notes")
+    with pytest.raises(UserError, match=r"notes.txt: not an image \(PNG, JPEG or WebP expected\)$"):
+        _check(setup, [notes])
     data = json.loads(setup["challenge"].read_text())
     data["key_commitment"] = "0" * 64
     other = tmp_path / "other.json"
@@ -180,3 +195,111 @@ def test_app_tab_gives_the_verdict_in_plain_words(setup, tmp_path):
         assert isinstance(gr.Markdown(text), gr.Markdown)
     finally:
         ws.cleanup()
+
+
+def _train(subject_dir, out, prompt, *extra):
+    from seal_diffusion.training import parse_args, train
+
+    args = parse_args(["--pretrained_model_name_or_path", "tiny", "--instance_data_dir", str(subject_dir),
+                       "--instance_prompt", prompt, "--output_dir", str(out), "--output_name", "run", "--rank", "4",
+                       "--max_train_steps", "60", "--learning_rate", "2e-3", "--seed", "0", "--cache_latents",
+                       "--resolution", "32", *extra])
+    with fixed_scrypt_salt():
+        train(args)["network"].remove()
+    return out
+
+
+def test_other_key_seal_of_the_same_subject_not_accused(setup, subject_dir):
+    other = _train(subject_dir, setup["tmp"] / "otherkey", "a photo of sks cat", "--secret", "someone else's key")
+    report = _check(setup, _with_lora(setup["pipe"], other, setup["ch"], setup["tmp"] / "otherkey_images"))
+    assert not report.detected, report.summary()
+
+
+@pytest.mark.parametrize("photo", ["coffee", "astronaut"])
+def test_defaults_detect_the_release_on_other_subjects(setup, photo, tmp_path):
+    """Two subjects that are not the bundled cat (scikit-image photos, 8 crops each), trained like the cat: the
+    challenge with the shipped defaults detects each release (self-test = the owner's own render, which equals a
+    diffusers service's to 1/255 as the cat test checks) and does not accuse that subject's plain LoRA."""
+    from seal_diffusion.subject import PHOTO_SUBJECTS, write_photo_subject
+
+    data = write_photo_subject(tmp_path / "data", photo)
+    prompt = PHOTO_SUBJECTS[photo]
+    release = _train(data, tmp_path / "release", prompt, "--secret", f"owner of the {photo} subject")
+    key = next(release.glob("*.sealkey"))
+    ch = create_challenge(key, tmp_path / "challenge.json", base="tiny", prompt=prompt, pipe=setup["pipe"],
+                          seeds=SEEDS)
+    assert ch.self_test >= 3.3, f"{photo}: release scores {ch.self_test:.2f} with the defaults"
+    plain = _train(data, tmp_path / "plain", prompt, "--method", "lora")
+    images = _with_lora(setup["pipe"], plain, ch, tmp_path / "plain_images")
+    report = verify_images(key, tmp_path / "challenge.json", images, pipe=setup["pipe"])
+    assert not report.detected, report.summary()
+
+
+def test_challenge_prompts_are_private_per_challenge_and_ordinary(owner_training):
+    """Prompts come from the owner's secret and the challenge's seeds: reproducible by the owner, different for another
+    challenge or another key, mostly about the subject, and not a fixed list a service could match."""
+    from seal_diffusion.keyfile import SealKey
+
+    key = SealKey.load(owner_training["key_path"])
+    seeds = list(range(100, 132))
+    a = challenge_prompts(key, "a photo of sks cat", seeds)
+    assert a == challenge_prompts(key, "a photo of sks cat", seeds)
+    b = challenge_prompts(key, "a photo of sks cat", list(range(200, 232)))
+    assert sum(x == y for x, y in zip(a, b)) <= 2 and len(set(a)) >= 28
+    other = SealKey.load(owner_training["key_path"])
+    for m in other.modules.values():  # another key: other passports
+        m.passport, m.passport_p = m.passport_p * 1.5, m.passport * 0.5
+    assert challenge_prompts(other, "a photo of sks cat", seeds) != a
+    assert 20 <= sum("sks cat" in p for p in a) <= 28  # three quarters about the subject
+    assert not any("seal" in p.lower() or "challenge" in p.lower() for p in a)
+    ch = make_challenge(key, "tiny", "a photo of sks cat", seeds=seeds)
+    assert ch.prompts == a and ch.seeds == seeds
+
+
+def test_challenge_out_checked_first_and_failure_leaves_nothing(setup, tmp_path, monkeypatch, capsys):
+    from seal_diffusion.cli import main
+
+    key = shutil.copyfile(setup["key"], tmp_path / "k.sealkey")
+    existing = tmp_path / "challenge.json"
+    existing.write_text("{}")
+    t = __import__("time").perf_counter()
+    assert main(["challenge", "--key", str(key), "--out", str(existing), "--prompt", "a photo of sks cat"]) == 2
+    err = capsys.readouterr().err
+    assert "already exists; refusing to overwrite it (pass --force" in err and err.count("\n") == 1
+    assert __import__("time").perf_counter() - t < 5  # refused before loading the model or rendering
+    (tmp_path / "file").write_text("x")
+    assert main(["challenge", "--key", str(key), "--out", str(tmp_path / "file" / "c.json"),
+                 "--prompt", "a photo of sks cat"]) == 2
+    assert "cannot write here" in capsys.readouterr().err
+    before = set(tmp_path.iterdir())
+
+    def broken_save(self, path, overwrite=True):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(Challenge, "save", broken_save)
+    with pytest.raises(OSError):
+        create_challenge(key, tmp_path / "new.json", prompt="a photo of sks cat", n=2, pipe=setup["pipe"],
+                         self_test=False)
+    assert set(tmp_path.iterdir()) == before  # no private reference left beside the key, no challenge
+
+
+def test_cli_challenge_and_verify_images_show_progress(setup, tmp_path, capsys):
+    from seal_diffusion.cli import main
+
+    key = shutil.copyfile(setup["key"], tmp_path / "k.sealkey")
+    out = tmp_path / "c.json"
+    assert main(["challenge", "--key", str(key), "--out", str(out), "--prompt", "a photo of sks cat", "--n", "2",
+                 "--no-self-test"]) == 0
+    cap = capsys.readouterr()
+    assert "owner's reference images" in cap.err and "ask the service for all 2 images" in cap.out
+    assert main(["challenge", "--key", str(key), "--out", str(out), "--prompt", "x", "--n", "2"]) == 2
+    ch = Challenge.load(out)
+    images = _render(setup["pipe"], ch, tmp_path / "imgs")[:2]
+    assert main(["verify-images", "--key", str(key), "--challenge", str(out), *map(str, images)]) in (0, 1)
+    cap = capsys.readouterr()
+    assert "testing the images" in cap.err and "does NOT survive another sampler" in cap.out
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    assert main(["verify-images", "--key", str(key), "--challenge", str(out), str(notes)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("notes.txt: not an image (PNG, JPEG or WebP expected)")

@@ -12,6 +12,7 @@ import shutil
 
 import gradio as gr
 
+from seal_diffusion.image_challenge import DEFAULT_N
 from seal_diffusion.image_check import create_challenge, verify_images
 from ui.workspace import _copy_uploads, _guard, _int, _load_key, _need, _path, _paths
 
@@ -21,15 +22,19 @@ MAX_IMAGES = 256
 def _handlers(ws, default_base: str):
     def make(key_file=None, prompt=None, n=None, base=None, request: gr.Request = None):
         _, key_path = _load_key(key_file)
-        n = _int(n if n not in (None, "") else 32, "Number of images", 1, MAX_IMAGES)
+        n = _int(n if n not in (None, "") else DEFAULT_N, "Number of images", 1, MAX_IMAGES)
         job = ws.job(request, "challenge")
         key_copy = shutil.copyfile(key_path, job / "key.sealkey")
         out = job / "challenge.json"
         ch = create_challenge(key_copy, out, base=(base or "").strip() or default_base,
-                              prompt=(prompt or "").strip() or None, n=n)
+                              prompt=(prompt or "").strip() or None, n=n, overwrite=True)
         return str(out), (f"Challenge ready: {ch.n} prompts with fixed seeds ({ch.scheduler}, {ch.steps} steps, "
-                          f"CFG {ch.guidance_scale:g}, {ch.width}×{ch.height}). Give the JSON file to the service you "
-                          "suspect, ask for one image per entry, then check them below.")
+                          f"CFG {ch.guidance_scale:g}, {ch.width}×{ch.height}, LoRA strength 1). Ask the service you "
+                          f"suspect "
+                          f"for all {ch.n} images exactly as listed in the JSON, then check them below."
+                          + (f" Self-test: your own release scores {ch.self_test:.1f} on this challenge "
+                             "(detected from 3.3); a service's images should be compared with that."
+                             if getattr(ch, "self_test", None) is not None else ""))
 
     def check(key_file=None, challenge_file=None, images=None, base=None, threshold=None,
               request: gr.Request = None):
@@ -71,7 +76,8 @@ def image_check_tab(ws, base: str) -> None:
             with gr.Column():
                 key = gr.File(label="Your private key (.sealkey)", type="filepath", elem_id="images-key")
                 prompt = gr.Textbox(label="Subject prompt (the one you trained with)", elem_id="images-prompt")
-                n = gr.Number(label="Number of images", value=32, precision=0, elem_id="images-n")
+                n = gr.Number(label=f"Number of images (default {DEFAULT_N})", value=DEFAULT_N, precision=0,
+                              elem_id="images-n")
                 base_in = gr.Textbox(label="Base model", value=base, elem_id="images-base")
                 make_btn = gr.Button("1 · Make a challenge", elem_id="images-make-btn")
                 challenge_out = gr.File(label="Challenge (give this to the service)", interactive=False,

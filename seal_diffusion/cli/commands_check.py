@@ -130,12 +130,18 @@ def add_challenge_command(sub) -> None:
     p.add_argument("--out", required=True, help="the challenge JSON to write (public: give it to the suspect service)")
     p.add_argument("--prompt", default=None,
                    help="the subject prompt (default: instance_prompt of the model card beside the key)")
-    p.add_argument("--n", type=int, default=DEFAULT_N, help=f"number of images (default {DEFAULT_N})")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampler steps (default {DEFAULT_STEPS})")
+    p.add_argument("--n", type=int, default=DEFAULT_N,
+                   help=f"number of images to ask the service for (default {DEFAULT_N}; fewer lose power, see "
+                        "docs/verification.md)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"sampler steps (default {DEFAULT_STEPS} on the tiny test models, 20 on real models)")
     p.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE, help="CFG (default 7.5)")
-    p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's native size)")
+    p.add_argument("--size", type=int, default=None,
+                   help="image side in pixels (default: the model's native size; half of it, 32, on tiny)")
     p.add_argument("--compare_size", type=int, default=None, help="side of the comparison grid (default size/2)")
     add_force(p, "an existing --out challenge")
+    p.add_argument("--no-self-test", dest="self_test", action="store_false",
+                   help="skip rendering the challenge with your own release (the score a service is compared with)")
     p.set_defaults(func=cmd_challenge, check=check_challenge)
 
 
@@ -144,13 +150,46 @@ def check_challenge(args) -> None:
     check_first(args, Output(args.out, "--out"), key=args.key, base=args.base)
 
 
+def _bar(desc: str):
+    """A tqdm progress callback for the image check's (done, total, what) reports; one bar per stage."""
+    from tqdm import tqdm
+
+    state: dict = {}
+
+    def progress(done: int, total: int, what: str) -> None:
+        if state.get("what") != what:
+            if state.get("bar") is not None:
+                state["bar"].close()
+            state.update(what=what, bar=tqdm(total=total, desc=what, unit="img", leave=False), done=0)
+        state["bar"].update(done - state["done"])
+        state["done"] = done
+
+    def close() -> None:
+        if state.get("bar") is not None:
+            state["bar"].close()
+
+    progress.close = close  # type: ignore[attr-defined]
+    return progress
+
+
 def cmd_challenge(args) -> int:
     from ..image_check import create_challenge
 
-    ch = create_challenge(args.key, args.out, base=args.base, prompt=args.prompt, n=args.n, steps=args.steps,
-                          guidance_scale=args.guidance_scale, size=args.size, compare_size=args.compare_size)
+    progress = _bar("challenge")
+    try:
+        ch = create_challenge(args.key, args.out, base=args.base, prompt=args.prompt, n=args.n, steps=args.steps,
+                              guidance_scale=args.guidance_scale, size=args.size, compare_size=args.compare_size,
+                              overwrite=args.overwrite, self_test=args.self_test, progress=progress)
+    finally:
+        progress.close()
     print(f"wrote {args.out}: {ch.n} prompts/seeds, {ch.scheduler} {ch.steps} steps, CFG {ch.guidance_scale:g}, "
           f"{ch.width}×{ch.height}; private reference beside the key (0600)")
+    if getattr(ch, "self_test", None) is not None:
+        print(f"self-test: your own release scores −log10 p = {ch.self_test:.1f} on this challenge (threshold 3.3); "
+              "a service's images should be compared with that")
+    print(f"ask the service for all {ch.n} images exactly as listed (prompt, seed, {ch.scheduler} sampler, "
+          f"{ch.steps} steps, CFG {ch.guidance_scale:g}, {ch.width}×{ch.height}, LoRA strength 1, PNG); "
+          "see docs/verification.md for what survives other settings")
     return 0
 
 
@@ -176,10 +215,16 @@ def check_verify_images(args) -> None:
 
 def cmd_verify_images(args) -> int:
     from ..fileio import write_json_atomic
-    from ..image_check import verify_images
+    from ..image_check import ROBUSTNESS_NOTE, verify_images
 
-    report = verify_images(args.key, args.challenge, args.images, base=args.base, threshold=args.threshold)
+    progress = _bar("verify-images")
+    try:
+        report = verify_images(args.key, args.challenge, args.images, base=args.base, threshold=args.threshold,
+                               progress=progress)
+    finally:
+        progress.close()
     print(report.summary())
+    print(ROBUSTNESS_NOTE)
     if args.json:
         write_json_atomic(args.json, report.to_json(), overwrite=args.overwrite)
     return 0 if report.detected else 1
