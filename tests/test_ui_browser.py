@@ -327,9 +327,12 @@ def _issue23_checks(browser, root: Path, files: dict, lora: Path) -> None:
     browser.js(f"{s}.set('#compare-seeds textarea, #compare-seeds input', '0')")
     browser.js(f"{s}.click('#compare-btn')")
     browser.wait(f"{s}.text('#compare-table').includes('passport C vs base model')", timeout=180, what="compare")
-    row = browser.js("[...document.querySelectorAll('#compare-table tr')].map(r => r.innerText)"
-                     ".find(t => t.includes('passport C vs base model')) || ''")
-    ssim = float(row.split()[row.split().index("model") + 1])
+    import re
+
+    table = browser.js(f"{s}.text('#compare-table')")
+    found = re.search(r"passport C vs base model\s+(identical|[0-9.]+)", table)
+    assert found, table
+    ssim = 1.0 if found.group(1) == "identical" else float(found.group(1))
     note = "does not change these pictures yet" in browser.js(f"{s}.text('#compare-summary')")
     assert note == (ssim >= 0.9995), (ssim, note)
 
