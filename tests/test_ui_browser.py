@@ -323,10 +323,10 @@ def _issue23_checks(browser, root: Path, files: dict, lora: Path) -> None:
 
     # -- Compare: either the pictures change (SSIM < 0.9995) or the tab says why they did not
     browser.js(f"{s}.clickText('button[role=tab]', 'Compare')")
-    browser.js(f"{s}.set('#compare-steps input', 2)")
+    browser.js(f"{s}.set('#compare-steps input[type=number]', 2)")
     browser.js(f"{s}.set('#compare-seeds textarea, #compare-seeds input', '0')")
     browser.js(f"{s}.click('#compare-btn')")
-    browser.wait(f"{s}.text('#compare-table').includes('passport C vs base model')", timeout=180, what="compare")
+    browser.wait(f"{s}.text('#compare-table').includes('passport C vs base model')", timeout=600, what="compare")
     import re
 
     table = browser.js(f"{s}.text('#compare-table')")
