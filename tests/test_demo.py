@@ -12,11 +12,26 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert "**NO**" not in summary, summary
     assert summary.splitlines()[2].startswith("**All ") and "as expected" in summary.splitlines()[2]
     for needle in ("innocent plain LoRA, same subject | not detected", "pruned 90%", "| DETECTED |",
-                   "Entanglement", "grid.png", "spectra.png", "**Verdict: ", "2^−48", "random weights"):
-        assert needle in summary
+                   "Entanglement", "grid.png", "spectra.png", "**Verdict: ", "2^−48", "random weights",
+                   "distilled copy (re-trained on the release's outputs): both tests (`verify --functional`) | DETECTED",
+                   "innocent plain LoRA, same subject: both tests (`verify --functional`) | not detected",
+                   "| forger.sealkey | no |", "| cat.sealkey | yes |", "**The owner wins** (cat.sealkey)"):
+        assert needle in summary, needle
+    # the owner's timestamp is a real RFC 3161 reply of the local TSA, checked with its CA; the forger's is later
+    from seal_diffusion.keyfile import SealKey
+    from seal_diffusion.timestamp import check_reply
+
+    owner = check_reply(out / "seal" / "cat.tsr", SealKey.load(out / "seal" / "cat.sealkey").commitment(),
+                        out / "local-tsa" / "ca.pem")
+    forger = check_reply(out / "forger" / "forger.tsr", SealKey.load(out / "forger" / "forger.sealkey").commitment(),
+                         out / "local-tsa" / "ca.pem")
+    assert owner.gen_time < forger.gen_time
+    report = (out / "dispute" / "dispute.md").read_text()
+    assert "Ownership dispute report" in report and "R2 genuine pair" in report
     assert "B'M" not in summary and "N(B,A,∅)" not in summary and "Base model `tiny`" in (out / "compare" / "compare.md").read_text()
     for f in ("seal/cat.sealkey", "seal/cat.safetensors", "seal/pytorch_lora_weights.safetensors",
-              "compare/grid.png", "spectra.png", "innocent/cat.safetensors"):
+              "compare/grid.png", "spectra.png", "innocent/cat.safetensors", "seal/cat.tsq",
+              "distilled/cat_distilled.safetensors"):
         assert (out / f).is_file(), f
     printed = capsys.readouterr().out
     assert "summary.md" in printed and "from an earlier demo run is replaced" in printed

@@ -101,14 +101,15 @@ def trained(client, logo):
             if unit.desc:
                 descs.append(unit.desc)
         time.sleep(0.05)
-    summary, kohya, diffusers, key, commitment = job.result()
+    summary, kohya, diffusers, key, commitment, stamp_files = job.result()
     return dict(summary=summary, kohya=Path(kohya), diffusers=Path(diffusers), key=Path(key), commitment=commitment,
-                progress=descs)
+                progress=descs, stamp_files=[Path(f) for f in stamp_files or []])
 
 
 def test_named_endpoints(client):
     named = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert {"/train", "/export", "/compare", "/verify"} <= set(named)
+    assert {"/train", "/export", "/compare", "/verify", "/challenge", "/verify_images", "/dispute", "/timestamp",
+            "/verify_functional"} <= set(named)
 
 
 def test_train_outputs(trained):
@@ -295,3 +296,41 @@ def test_verify_files_used_together_and_commitment(client, trained, sandbox):
     assert "checked against your published commitment" in verdict
     with pytest.raises(AppError, match="does not match the published commitment"):
         client.predict(handle_file(str(trained["key"])), files, "tiny", 3.3, True, "0" * 64, api_name="/verify")
+
+
+def test_timestamp_step_downloads_tsq_and_tsr(client, trained, sandbox):
+    """Training hands out the .tsq; the timestamp step gets a reply from a TSA (a local one over HTTP here), checks it
+    with the CA file and hands out .tsq and .tsr; without a CA file it says the reply is not checked yet."""
+    from rfc3161_client._rust import parse_timestamp_request
+
+    from seal_diffusion.local_tsa import LocalTSA
+    from seal_diffusion.timestamp import check_reply
+
+    import hashlib
+
+    [tsq] = trained["stamp_files"]
+    assert tsq.name == "ui_lora.tsq"
+    imprint = parse_timestamp_request(tsq.read_bytes()).message_imprint.message
+    assert imprint == hashlib.sha256(bytes.fromhex(trained["commitment"])).digest()
+    tsa = LocalTSA(sandbox / "tsa")
+    url, srv = tsa.serve()
+    try:
+        files, md = client.predict(handle_file(str(trained["key"])), url, handle_file(str(tsa.ca)),
+                                   api_name="/timestamp")
+        names = sorted(Path(f).name for f in files)
+        assert names == ["ui_lora.tsq", "ui_lora.tsr"], names
+        tsr = next(Path(f) for f in files if f.endswith(".tsr"))
+        stamp = check_reply(tsr, trained["commitment"], tsa.ca)
+        assert f"Timestamped: {stamp.gen_time} (UTC)" in md and "checked against your CA file" in md
+        files, md = client.predict(handle_file(str(trained["key"])), url, None, api_name="/timestamp")
+        assert "not yet checked" in md and "--reply ui_lora.tsr" in md
+        with pytest.raises(AppError, match="not reachable"):  # a TSA that does not answer: one clear line
+            client.predict(handle_file(str(trained["key"])), f"http://127.0.0.1:{free_port()}/tsr", None,
+                           api_name="/timestamp")
+    finally:
+        srv.shutdown()
+
+
+def test_image_check_needs_the_prompt(client, trained):
+    with pytest.raises(AppError, match="Subject prompt: required"):
+        client.predict(handle_file(str(trained["key"])), "", 4, "tiny", api_name="/challenge")

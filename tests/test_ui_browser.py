@@ -3,7 +3,14 @@
 Chromium is driven through its DevTools protocol over a pipe (``--remote-debugging-pipe``: JSON messages on file
 descriptors 3/4), so no Python package or chromedriver is needed, only the browser (Debian: ``apt-get install -y
 chromium``). Without a browser the test is skipped, unless ``SEAL_REQUIRE_BROWSER=1`` (CI) makes that a failure.
-Screenshots go to ``$SEAL_UI_ARTIFACTS`` (default ``.ci/artifacts/``): ``ui-train.png``, ``ui-verify.png``.
+Screenshots go to ``$SEAL_UI_ARTIFACTS`` (default ``.ci/artifacts/``): ``ui-train.png``, ``ui-verify.png`` (the one
+README shows as docs/app.png: all tabs in the bar), ``ui-dispute.png``.
+
+Issue 23's visible bullets are checked here, where a user sees them: the timestamp step (.tsq after training, .tsr
+from a local TSA, key prefilled), an error that stays in its result area after the toast's old 13 s, the
+function-level test's progress, the Check-images tab (key prefilled, prompt marked required, "3 · Check the images"),
+Compare's SSIM or its "nothing changed" note, the Dispute tab (names not cut, no word broken in the report's tables,
+4 claims with commitment and file fields, the docs link), tab numbers 1–6 all in the bar.
 """
 
 import base64
@@ -194,6 +201,26 @@ window.__seal = {
   },
   settled(sels) { return sels.every(s => document.querySelector(s) && this.opacity(s) > 0.99); },
   flat(sel) { return this.text(sel).replace(/\s+/g, ''); },  // file names may be split over several elements
+  truncated(sel) {  // elements whose text is cut (ellipsis/overflow) inside sel
+    return [...document.querySelectorAll(sel + ' *')].filter(e => e.children.length === 0 && e.innerText &&
+      e.scrollWidth > e.clientWidth + 1 && getComputedStyle(e).overflow !== 'visible').map(e => e.innerText);
+  },
+  brokenWords(sel) {  // words of the table cells (but the last column) laid out over more than one line
+    const out = [];
+    for (const cell of document.querySelectorAll(sel + ' th, ' + sel + ' td')) {
+      if (cell === cell.parentElement.lastElementChild) continue;
+      const walker = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT);
+      for (let n = walker.nextNode(); n; n = walker.nextNode()) {
+        for (const m of n.textContent.matchAll(/\S+/g)) {
+          const r = document.createRange();
+          r.setStart(n, m.index); r.setEnd(n, m.index + m[0].length);
+          const tops = new Set([...r.getClientRects()].map(x => Math.round(x.top)));
+          if (tops.size > 1) out.push(m[0]);
+        }
+      }
+    }
+    return out;
+  },
 };
 true
 """
@@ -270,6 +297,90 @@ def _innocent_lora(key_path: Path, out: Path) -> Path:
     return export_lora(SealKey(modules, key.rank, key.alpha, "tiny"), out, "kohya", out.stem)
 
 
+def _issue23_checks(browser, root: Path, files: dict, lora: Path) -> None:
+    s = "window.__seal"
+    # -- the timestamp step (Train tab): .tsq handed out with the key, .tsr from a local TSA, checked with its CA
+    from seal_diffusion.local_tsa import LocalTSA
+
+    browser.js(f"{s}.clickText('button[role=tab]', 'Watermark')")
+    browser.wait(f"{s}.flat('#stamp-files').includes('browser_lora.tsq')", timeout=20, what="the .tsq download")
+    assert "browser_lora.sealkey" in browser.js(f"{s}.flat('#stamp-key')")
+    tsa = LocalTSA(root / "tsa")
+    url, server = tsa.serve()
+    try:
+        browser.js(f"{s}.set('#stamp-url textarea, #stamp-url input', {json.dumps(url)})")
+        browser.set_files("#stamp-ca input[type=file]", [str(tsa.ca)])
+        browser.wait(f"{s}.flat('#stamp-ca').includes('ca.pem')", timeout=30, what="the CA upload")
+        browser.js(f"{s}.click('#stamp-btn')")
+        browser.wait(f"{s}.text('#stamp-summary').includes('Timestamped:')", timeout=60, what="the timestamp")
+        browser.wait(f"{s}.flat('#stamp-files').includes('browser_lora.tsr')", timeout=20, what="the .tsr download")
+        href = browser.js("[...document.querySelectorAll('#stamp-files a')].map(a => a.href)"
+                          ".find(h => h.endsWith('.tsr'))")
+        with urllib.request.urlopen(href, timeout=30) as resp:
+            (root / "downloaded" / "browser_lora.tsr").write_bytes(resp.read())
+    finally:
+        server.shutdown()
+
+    # -- Compare: either the pictures change (SSIM < 0.9995) or the tab says why they did not
+    browser.js(f"{s}.clickText('button[role=tab]', 'Compare')")
+    browser.js(f"{s}.set('#compare-steps input[type=number]', 2)")
+    browser.js(f"{s}.set('#compare-seeds textarea, #compare-seeds input', '0')")
+    browser.js(f"{s}.click('#compare-btn')")
+    browser.wait(f"{s}.text('#compare-table').includes('passport C vs base model')", timeout=600, what="compare")
+    import re
+
+    table = browser.js(f"{s}.text('#compare-table')")
+    found = re.search(r"passport C vs base model\s+(identical|[0-9.]+)", table)
+    assert found, table
+    ssim = 1.0 if found.group(1) == "identical" else float(found.group(1))
+    note = "does not change these pictures yet" in browser.js(f"{s}.text('#compare-summary')")
+    assert note == (ssim >= 0.9995), (ssim, note)
+
+    # -- Check images: key prefilled, the prompt marked required; an error stays in place after the toast's 13 s
+    browser.js(f"{s}.clickText('button[role=tab]', 'Check images')")
+    browser.wait(f"{s}.flat('#images-key').includes('browser_lora.sealkey')", timeout=20, what="the prefilled key")
+    assert "required" in browser.js(f"{s}.text('#images-prompt')")
+    browser.js(f"{s}.click('#images-make-btn')")
+    browser.wait(f"{s}.text('#images-make-md').includes('Subject prompt: required')", timeout=30,
+                 what="the error in the result area")
+    time.sleep(14)
+    assert "Subject prompt: required" in browser.js(f"{s}.text('#images-make-md')"), "the error went away"
+    browser.js(f"{s}.set('#images-prompt textarea, #images-prompt input', 'a photo of sks cat')")
+    browser.js(f"{s}.set('#images-n input', 2)")
+    browser.js(f"{s}.click('#images-make-btn')")
+    made = browser.wait(f"(t => t.includes('Challenge ready') ? t : '')({s}.text('#images-make-md'))", timeout=180,
+                        what="the challenge")
+    assert "3 · Check the images" in made and "below" not in made.split("3 · Check the images")[0]
+
+    # -- Dispute: four claims, commitment and file fields, names not cut, table words whole, a real docs link
+    browser.js(f"{s}.clickText('button[role=tab]', 'Dispute')")
+    browser.wait("document.querySelector('#dispute-btn') && document.querySelector('#dispute-btn').offsetParent",
+                 timeout=10, what="the Dispute tab")
+    for i in (1, 2):
+        for field in ("key", "tsr", "commitment", "file"):
+            assert browser.js(f"!!document.querySelector('#dispute-{field}{i}')"), (field, i)
+    browser.js(f"{s}.clickText('button', 'More claims')")
+    browser.wait("document.querySelector('#dispute-key4') && document.querySelector('#dispute-key4').offsetParent",
+                 timeout=10, what="claims 3 and 4")
+    assert browser.js("!!document.querySelector('a[href=\"#dispute-docs\"]')")
+    assert "How to win a dispute" in browser.js(f"{s}.text('#dispute-docs')")
+    browser.set_files("#dispute-suspect input[type=file]", [str(lora)])
+    browser.set_files("#dispute-key1 input[type=file]", [str(files["browser_lora.sealkey"])])
+    browser.set_files("#dispute-tsr1 input[type=file]", [str(root / "downloaded" / "browser_lora.tsr")])
+    browser.set_files("#dispute-ca input[type=file]", [str(tsa.ca)])
+    for sel, name in (("#dispute-key1", "browser_lora.sealkey"), ("#dispute-tsr1", "browser_lora.tsr"),
+                      ("#dispute-suspect", "browser_lora.safetensors")):
+        browser.wait(f"{s}.flat('{sel}').includes('{name}')", timeout=30, what=f"the upload of {name}")
+        assert browser.js(f"{s}.truncated('{sel}')") == [], (sel, browser.js(f"{s}.truncated('{sel}')"))
+    browser.js(f"{s}.click('#dispute-btn')")
+    browser.wait(f"{s}.text('#dispute-report').includes('Ownership dispute report')", timeout=300,
+                 what="the dispute report")
+    assert "claim 1 (browser_lora.sealkey)" in browser.js(f"{s}.text('#dispute-report')")
+    browser.wait(f"{s}.settled(['#dispute-verdict', '#dispute-report'])", timeout=20, what="the report to settle")
+    assert browser.js(f"{s}.brokenWords('#dispute-report')") == []
+    browser.screenshot(artifacts_dir() / "ui-dispute.png")
+
+
 def test_train_then_verify_in_the_browser(chromium, app_url):
     url, root = app_url
     browser = Browser(chromium, root / "profile")
@@ -324,6 +435,7 @@ def test_train_then_verify_in_the_browser(chromium, app_url):
         browser.wait(f"{s}.flat('#verify-suspects').includes('browser_lora.safetensors') && "
                      f"{s}.flat('#verify-suspects').includes('other_lora.safetensors')", timeout=30,
                      what="the suspect uploads")
+        browser.js(f"{s}.click('#verify-functional input[type=checkbox]')")  # the function-level test too
         browser.js(f"{s}.click('#verify-btn')")
         verdict = browser.wait(f"(t => t.includes('contains your watermark') ? t : '')({s}.text('#verify-verdict'))",
                                timeout=60, what="the verdict")
@@ -332,10 +444,26 @@ def test_train_then_verify_in_the_browser(chromium, app_url):
         browser.wait("(i => i && i.complete && i.naturalWidth > 100)(document.querySelector('#verify-chart img'))",
                      timeout=30, what="the per-layer chart")
         assert "watermark found" in browser.js(f"{s}.text('#verify-table')")
+        # the function-level test (about a minute): a running note and a progress bar on its panel, then the words
+        seen = set()
+
+        def watch_functional():
+            text = browser.js(f"{s}.text('#verify-functional-verdict')")
+            for needle in ("Function-level test running", "Function-level test:"):
+                if needle in text:
+                    seen.add(needle)
+
+        browser.wait(f"{s}.text('#verify-functional-verdict').includes('your LoRA — found')", timeout=600,
+                     what="the function-level verdict", on_poll=watch_functional)
+        assert seen, "nothing was shown while the function-level test ran"
         browser.wait(f"{s}.settled(['#verify-verdict', '#verify-table', '#verify-chart'])", timeout=20,
                      what="the verify outputs to settle")
-        shot = browser.screenshot(artifacts_dir() / "ui-verify.png")
+        tabs = browser.js("[...document.querySelectorAll('button[role=tab]')].filter(b => b.offsetParent !== null)"
+                          ".map(b => b.innerText.trim())")
+        assert [t.split(" · ")[0] for t in tabs] == ["1", "2", "3", "4", "5", "6"], tabs  # all in the bar, once
+        shot = browser.screenshot(artifacts_dir() / "ui-verify.png")  # README's docs/app.png
         _not_blank(shot)
+        _issue23_checks(browser, root, files, lora)
     except (AssertionError, CDPError):
         try:  # what the page looked like when it failed: an artefact for CI
             browser.screenshot(artifacts_dir() / "ui-failure.png")

@@ -66,3 +66,78 @@ def test_sigterm_stops_the_app_quietly(tmp_path):
     assert "Keyboard interruption" not in out and "share=True" not in out, out
     assert f"127.0.0.1:{port}" in out and "stopped" in out, out
     assert not list(tmp_path.glob("seal-diffusion-ui-*")), "the job folders are removed"
+
+
+# -- issue 23: errors stay, tabs numbered once, compare says when nothing changed, disputes with more claims ----------
+def _by_elem(demo):
+    return {c["props"].get("elem_id"): c["id"] for c in demo.config["components"] if c.get("props", {}).get("elem_id")}
+
+
+def test_every_event_leaves_its_error_on_the_page_and_tabs_are_numbered_once(tiny_dir):
+    """Each named event has a failure step that writes the message into its own result area; the toast stays until
+    closed (duration None); the message shown is the one of the session's last failure."""
+    import gradio as gr
+    import pytest
+
+    from seal_diffusion.errors import UserError
+    from ui.layout import build_app
+    from ui.workspace import _guard
+
+    demo = build_app("tiny")
+    try:
+        deps = demo.config["dependencies"]
+        ids = _by_elem(demo)
+        areas = {"train": "train-summary", "export": "export-summary", "compare": "compare-summary",
+                 "verify": "verify-verdict", "challenge": "images-make-md", "verify_images": "images-verdict",
+                 "dispute": "dispute-verdict", "timestamp": "stamp-summary"}
+        for api, area in areas.items():
+            i = next(d["id"] for d in deps if d.get("api_name") == api)
+            fail = [d for d in deps if d.get("trigger_after") == i and d.get("trigger_only_on_failure")]
+            assert fail and fail[0]["outputs"] == [ids[area]], api
+        tabs = [c["props"]["label"] for c in demo.config["components"] if c["type"] == "tabitem"]
+        numbers = [t.split(" · ")[0] for t in tabs]
+        assert numbers == [str(i) for i in range(1, len(tabs) + 1)], tabs
+
+        ws = demo.seal_workspace
+
+        def Req():  # noqa: N802
+            return gr.Request(session_hash="abc")
+
+        def bad(x, request=None):
+            raise UserError(f"{ws.root}/s/j/thing.sealkey: not a SEAL key file")
+
+        with pytest.raises(gr.Error) as err:
+            _guard(ws, bad)(1, Req())
+        assert err.value.duration is None
+        box = ws.error_box(Req())
+        assert "thing.sealkey: not a SEAL key file" in box and str(ws.root) not in box and "Stopped" in box
+
+        assert "thing.sealkey" not in ws.error_box(gr.Request(session_hash="xyz"))  # another browser session sees only its own errors
+    finally:
+        demo.seal_workspace.cleanup()
+
+
+def test_compare_says_why_nothing_changed(tiny_dir, tmp_path):
+    """A LoRA that changes nothing (B = 0): the SSIM is 1 and the Compare tab says why instead of leaving the artist
+    to think training failed; the app trains the tiny models with a learning rate that does change the pictures."""
+    import torch
+
+    from seal_diffusion.base_model import load_pipeline
+    from seal_diffusion.keyfile import ModuleKey, SealKey
+    from seal_diffusion.network import SealNetwork
+    from ui.handlers import TINY_LR, Handlers
+    from ui.workspace import Workspace
+
+    net = SealNetwork(load_pipeline("tiny").unet, 4, passports=None)
+    g = torch.Generator().manual_seed(0)
+    modules = {m: ModuleKey(a.detach().clone(), torch.zeros_like(b), torch.randn(4, 4, generator=g),
+                            torch.randn(4, 4, generator=g)) for m, (a, b) in net.factors().items()}
+    net.remove()
+    key = SealKey(modules, 4, 4.0, "tiny").save(tmp_path / "flat.sealkey")
+    ws = Workspace()
+    try:
+        _, table, _, md = Handlers("tiny", ws).compare(str(key), "tiny", "a photo of sks cat", "0", 2)
+        assert "does not change these pictures yet" in md and "SSIM 1.0000" in md
+    finally:
+        ws.cleanup()
+    assert TINY_LR == 3e-3

@@ -48,9 +48,23 @@ def _words(name: str, rep) -> str:
             f"two tests (Bonferroni: 2 × the smaller p).</span></div>")
 
 
+RUNNING = ("<div class='seal-verdict seal-error'><strong>Function-level test running…</strong> The first run for a key "
+           "computes its secret probes: about a minute on a CPU for the tiny model, longer for a real one. The "
+           "progress bar on this panel shows which file is being tested.</div>")
+
+
+def running(enabled, key_file=None, suspect_files=None):
+    """Shown at once when the test starts (the panel would otherwise stay empty for a minute)."""
+    if not enabled or not key_file or not suspect_files:
+        return gr.Markdown(visible=False)
+    return gr.Markdown(RUNNING, visible=True)
+
+
 def run(key_file, suspect_files, base, threshold, enabled, clean=lambda s: s, n_probes: int | None = None,
-        size: int | None = None):
-    """The panel's content: one plain-words verdict per suspect (or hidden when the box is not ticked)."""
+        size: int | None = None, progress=None):
+    """The panel's content: one plain-words verdict per suspect (or hidden when the box is not ticked).
+    ``progress``: a ``gr.Progress`` (or any callable taking (fraction or (done, total)), desc=…)."""
+    progress = progress or (lambda *a, **k: None)
     if not enabled:
         return gr.Markdown(visible=False)
     base = (base or "").strip()
@@ -62,12 +76,16 @@ def run(key_file, suspect_files, base, threshold, enabled, clean=lambda s: s, n_
     files = suspect_files if isinstance(suspect_files, list) else [suspect_files]
     lines = []
     pipe = None
-    for f in files:
+    for i, f in enumerate(files):
         path = getattr(f, "name", f)
         name = str(path).rsplit("/", 1)[-1]
         try:
             if pipe is None:
+                progress(0, desc="Function-level test: loading the base model…")
                 pipe = load_pipeline(base)
+            progress((i, len(files)), unit="files",
+                     desc=f"Function-level test: {name} ({i + 1} of {len(files)}; the first file of a key also "
+                          "computes its secret probes)")
             rep = verify_both(key_file, path, base, threshold=threshold, pipe=pipe,
                               n_probes=n_probes or DEFAULT_PROBES, size=size)
             lines.append(_words(name, rep))
@@ -79,5 +97,9 @@ def run(key_file, suspect_files, base, threshold, enabled, clean=lambda s: s, n_
 
 def hook(event, key, suspects, base, threshold, box, out, clean=lambda s: s) -> None:
     """After the weight test's ``event``: run the function-level test when ``box`` is ticked."""
-    event.then(lambda *a: run(*a, clean=clean), [key, suspects, base, threshold, box], out,
-               api_name="verify_functional", concurrency_id="heavy", concurrency_limit=1)
+    def test(key_file, suspect_files, base_model, thr, enabled, progress=gr.Progress()):
+        return run(key_file, suspect_files, base_model, thr, enabled, clean=clean, progress=progress)
+
+    event.then(running, [box, key, suspects], out, api_visibility="private", queue=False).then(
+        test, [key, suspects, base, threshold, box], out, api_name="verify_functional", concurrency_id="heavy",
+        concurrency_limit=1, show_progress_on=[out])

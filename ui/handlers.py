@@ -28,6 +28,8 @@ MAX_PHOTOS = 200
 MAX_SUSPECTS = 100
 MAX_PROMPTS = 4
 MAX_SEEDS = 8
+TINY_LR = 3e-3  # the app's learning rate on the tiny demo models (seal_diffusion.demo's): 1e-5 changes nothing there
+UNCHANGED_SSIM = 0.9995  # compare: "your LoRA vs the base" this close to 1 means the pictures did not change
 MAX_CHARTS = 6  # per-layer charts drawn for at most this many suspects (the table lists them all)
 SHORT_LABELS = {"base": "base model", "C": "passport C", "C_p": "passport C_p", "identity": "no passport",
                 "exported": "exported file"}
@@ -98,6 +100,8 @@ class Handlers:
                 raise UserError(f"Learning rate {learning_rate!r}: not a number (e.g. 1e-4)") from None
             _need(math.isfinite(lr) and lr > 0, f"Learning rate {learning_rate!r}: must be a positive number")
             argv.append(f"--learning_rate={lr!r}")
+        elif src.kind == "tiny":  # the paper's 1e-5 leaves the tiny random model's pictures unchanged
+            argv.append(f"--learning_rate={TINY_LR!r}")
         if resolution:
             argv.append(f"--resolution={_int(resolution, 'Resolution', 8, 4096)}")
         if batch_size:
@@ -125,9 +129,12 @@ class Handlers:
             f"2. **Publish the commitment hash** with it (e.g. in the description). It proves later that your key "
             f"existed when you released the LoRA.\n"
             f"3. **Download the private key `{name}.sealkey` now** and back it up. Only this key can prove the "
-            f"LoRA is yours. It has been filled in on the Export, Compare and Verify tabs for you.\n"
+            f"LoRA is yours. It has been filled in on the other tabs for you.\n"
+            f"4. **Timestamp it** below before you publish (the request `{name}.tsq` is ready).\n"
         )
-        return summary, result["lora_path"], result["diffusers_path"], result["key_path"], result["commitment"]
+        tsq = result.get("timestamp_request")
+        return (summary, result["lora_path"], result["diffusers_path"], result["key_path"], result["commitment"],
+                [tsq] if tsq else None)
 
     # -- 2. export -----------------------------------------------------------------------------------------------
     def export(self, key_file=None, layout=None, name=None, request: gr.Request = None):
@@ -177,13 +184,19 @@ class Handlers:
             "no passport (C = I)": {m: key.delta_factors(m, "identity") for m in key.modules},
         }
         spectra = plot_spectra(loras, job / "spectra.png", title="Singular values of each layer's weight change")
+        unchanged = next((p for p in result["pairs"] if (p["a"], p["b"]) == ("C", "base")), None)
+        note = ("" if unchanged is None or unchanged["ssim_mean"] < UNCHANGED_SSIM else
+                f"\n\n<div class='seal-verdict seal-warning'><strong>Your LoRA does not change these pictures yet"
+                f"</strong> (SSIM {unchanged['ssim_mean']:.4f} against the base model: 1 = identical). It learned too "
+                f"little to show: train more steps or with a higher learning rate (Advanced settings). The watermark "
+                f"is there all the same (Verify finds it).</div>")
         rows = "; ".join(f"row {i + 1}: seed {seed_list[i % len(seed_list)]}"
                          + (f", prompt {i // len(seed_list) + 1}" if len(prompt_list) > 1 else "")
                          for i in range(result["n_images"]))
         md = (f"Rendered {len(result['variants'])} versions × {result['n_images']} picture(s) in "
               f"{_duration(result['seconds'])} on `{html.escape(base)}` ({rows}). Columns: "
               + ", ".join(f"**{SHORT_LABELS.get(v, v)}** ({ABOUT_VARIANTS.get(v, VARIANT_LABELS[v])})"
-                          for v in result["variants"]) + ".")
+                          for v in result["variants"]) + "." + note)
         return gallery, table, str(spectra), md
 
     # -- 4. verify -----------------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ MAX_IMAGES = 256
 def _handlers(ws, default_base: str):
     def make(key_file=None, prompt=None, n=None, base=None, request: gr.Request = None):
         _, key_path = _load_key(key_file)
+        _need(bool((prompt or "").strip()), "Subject prompt: required — the prompt you trained with, e.g. 'a photo "
+                                            "of sks cat' (the challenge's prompts are built around it).")
         n = _int(n if n not in (None, "") else DEFAULT_N, "Number of images", 1, MAX_IMAGES)
         job = ws.job(request, "challenge")
         key_copy = shutil.copyfile(key_path, job / "key.sealkey")
@@ -29,9 +31,10 @@ def _handlers(ws, default_base: str):
         ch = create_challenge(key_copy, out, base=(base or "").strip() or default_base,
                               prompt=(prompt or "").strip() or None, n=n, overwrite=True)
         return str(out), (f"Challenge ready: {ch.n} prompts with fixed seeds ({ch.scheduler}, {ch.steps} steps, "
-                          f"CFG {ch.guidance_scale:g}, {ch.width}×{ch.height}, LoRA strength 1). Ask the service you "
-                          f"suspect "
-                          f"for all {ch.n} images exactly as listed in the JSON, then check them below."
+                          f"CFG {ch.guidance_scale:g}, {ch.width}×{ch.height}, LoRA strength 1). Give the JSON file to "
+                          f"the service you suspect, ask for all {ch.n} images exactly as listed, then upload them "
+                          "under **3 · Check the images** (beside this column on a wide screen, below it on a narrow "
+                          "one)."
                           + (f" Self-test: your own release scores {ch.self_test:.1f} on this challenge "
                              "(detected from 3.3); a service's images should be compared with that."
                              if getattr(ch, "self_test", None) is not None else ""))
@@ -64,10 +67,10 @@ def _handlers(ws, default_base: str):
     return make, check
 
 
-def image_check_tab(ws, base: str) -> None:
-    """Build the tab inside the app's ``gr.Tabs`` (and wire its events)."""
+def image_check_tab(ws, base: str, number: int = 5):
+    """Build the tab inside the app's ``gr.Tabs`` (and wire its events); returns the key input (training fills it)."""
     make, check = _handlers(ws, base)
-    with gr.Tab("5 · Check images", id="check-images"):
+    with gr.Tab(f"{number} · Check images", id="check-images"):
         gr.Markdown("Found a service or app whose pictures look like your LoRA, but no file? **1.** Make a "
                     "challenge: a list of prompts with fixed seeds. **2.** Ask the service for those images. "
                     "**3.** Upload them here. The check is exact for services that do not use your LoRA: they are "
@@ -75,7 +78,8 @@ def image_check_tab(ws, base: str) -> None:
         with gr.Row(equal_height=False):
             with gr.Column():
                 key = gr.File(label="Your private key (.sealkey)", type="filepath", elem_id="images-key")
-                prompt = gr.Textbox(label="Subject prompt (the one you trained with)", elem_id="images-prompt")
+                prompt = gr.Textbox(label="Subject prompt * (required: the prompt you trained with)",
+                                    placeholder="e.g. a photo of sks cat", elem_id="images-prompt")
                 n = gr.Number(label=f"Number of images (default {DEFAULT_N})", value=DEFAULT_N, precision=0,
                               elem_id="images-n")
                 base_in = gr.Textbox(label="Base model", value=base, elem_id="images-base")
@@ -93,8 +97,11 @@ def image_check_tab(ws, base: str) -> None:
                 check_btn = gr.Button("3 · Check the images", variant="primary", elem_id="images-check-btn")
                 verdict = gr.Markdown("The verdict will appear here.", elem_id="images-verdict")
     make_btn.click(_guard(ws, make), [key, prompt, n, base_in], [challenge_out, make_md], api_name="challenge",
-                   concurrency_id="heavy", concurrency_limit=1)
+                   concurrency_id="heavy", concurrency_limit=1).failure(ws.error_box, None, make_md,
+                                                                       api_visibility="private", queue=False)
     challenge_out.change(lambda f: f, challenge_out, challenge_in, api_visibility="private", queue=False)
     check_btn.click(_guard(ws, check), [key, challenge_in, images, base_in, threshold], verdict,
-                    api_name="verify_images", concurrency_id="heavy", concurrency_limit=1)
+                    api_name="verify_images", concurrency_id="heavy", concurrency_limit=1).failure(
+        ws.error_box, None, verdict, api_visibility="private", queue=False)
+    return key
 

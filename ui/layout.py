@@ -2,7 +2,8 @@
 
 The handlers are :mod:`ui.handlers` (tabs 1–4), :mod:`ui.image_check` and :mod:`ui.dispute_tab`; the page only
 places widgets and wires events. Named endpoints: ``/train``, ``/export``, ``/compare``, ``/verify``, ``/challenge``,
-``/verify_images``, ``/dispute``.
+``/verify_images``, ``/dispute``, ``/timestamp``. A failed event leaves its message in its result area
+(``event.failure(ws.error_box, …)``) as well as in a toast that stays until closed.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from seal_diffusion.subject import INSTANCE_PROMPT
 from ui import functional as ui_functional
 from ui.components import one_or_many
 from ui.dispute_tab import dispute_tab
-from ui.handlers import Handlers
+from ui.handlers import TINY_LR, Handlers
 from ui.image_check import image_check_tab
+from ui.timestamp_step import timestamp_section
 from ui.workspace import KEEP_SECONDS, Workspace, _guard
 
 RANKS = [2, 4, 8, 16, 32, 64, 128]
@@ -30,19 +32,25 @@ CSS = """
 .seal-found { background: #dcfce7; border-color: #16a34a; }
 .seal-notfound { background: #fee2e2; border-color: #dc2626; }
 .seal-error { background: #f3f4f6; border-color: #6b7280; }
+.seal-verdict.seal-warning { background: #fffbeb; border-color: #d97706; }
+#dispute-report table { table-layout: auto; }
+#dispute-report th, #dispute-report td { word-break: normal !important; overflow-wrap: normal !important;
+  hyphens: none !important; }
+#dispute-report td:last-child { overflow-wrap: anywhere !important; }
 #seal-title h1 { margin-bottom: 0; }
 """
 
-INTRO = """Hide a secret watermark in a Stable Diffusion 1.5 LoRA while you train it, share the LoRA as usual, and later
-check whether a file you found online is a copy of yours.
-**1 · Watermark & train** your LoRA → **share** the public LoRA and the commitment hash, **keep** the private key →
-**4 · Verify** suspicious files with that key. *Export* rebuilds the public file from the key; *Compare* shows what the
-watermark does to the pictures."""
+INTRO = """Hide a secret watermark in a Stable Diffusion LoRA (SD 1.5 or SDXL) while you train it, share the LoRA as
+usual, and later check whether a file you found online is a copy of yours.
+**1 · Watermark & train** your LoRA (and timestamp its key) → **share** the public LoRA and the commitment hash, **keep**
+the private key → **4 · Verify** suspicious files with that key. *Export* rebuilds the public file from the key;
+*Compare* shows what the watermark does to the pictures; *Check images* tests a service from its pictures alone;
+*Dispute* decides between two or more claims to one LoRA."""
 
 TINY_NOTE = """Note: this app runs on the built-in **tiny demo model**: it trains in seconds and makes random-looking
-pictures, so you can try every step. For a real LoRA, type a Stable Diffusion 1.5 model in *Base model* (for example
-`stable-diffusion-v1-5/stable-diffusion-v1-5`, a local model folder, or a `.safetensors` checkpoint), or start the
-app with `seal-diffusion ui --base MODEL`."""
+pictures, so you can try every step. For a real LoRA, type a Stable Diffusion 1.5 or SDXL model in *Base model* (for
+example `stable-diffusion-v1-5/stable-diffusion-v1-5`, `stabilityai/stable-diffusion-xl-base-1.0`, a local model
+folder, or a `.safetensors` checkpoint), or start the app with `seal-diffusion ui --base MODEL`."""
 
 KEY_WARNING = """**Your private key (`.sealkey`) is the only proof that this LoRA is yours.**
 - **Back it up** in two safe places (it cannot be recreated if lost).
@@ -102,8 +110,8 @@ def build_app(base: str = "tiny") -> gr.Blocks:
                                                   height=180)
                         name = gr.Textbox(label="Name of your LoRA (file name)", value="my_lora", elem_id="train-name")
                         with gr.Accordion("Advanced settings", open=False):
-                            lr = gr.Textbox(label="Learning rate", placeholder="automatic (1e-5, as in the SEAL "
-                                            "paper)", elem_id="train-lr")
+                            lr = gr.Textbox(label="Learning rate", placeholder="automatic (1e-5 as in the SEAL paper;"
+                                            f" {TINY_LR:g} on the tiny demo models)", elem_id="train-lr")
                             resolution = gr.Textbox(label="Resolution in pixels", placeholder="automatic (the "
                                                     "model's own: 512 for SD 1.5, 1024 for SDXL, 64 for tiny)",
                                                     elem_id="train-resolution")
@@ -128,6 +136,7 @@ def build_app(base: str = "tiny") -> gr.Blocks:
                         gr.Markdown(KEY_WARNING, elem_classes=["seal-warning"])
                         key_out = gr.File(label="PRIVATE key: download it, back it up, never share it",
                                           elem_id="train-key", interactive=False, height=110)
+                        stamp_key, stamp_files, stamp_md, stamp_evt = timestamp_section(ws, _guard)
 
             # -- 2 -------------------------------------------------------------------------------------------------
             with gr.Tab("2 · Export", id="export"):
@@ -214,9 +223,8 @@ def build_app(base: str = "tiny") -> gr.Blocks:
                                          interactive=False, elem_id="verify-chart")
                         passport_img = gr.Image(label="Your passport image, recovered from the files", type="filepath",
                                                 interactive=False, visible=False, elem_id="verify-passport")
-            image_check_tab(ws, base)  # 5 · Check images
-
-            dispute_tab(ws, base, _guard)  # 5 · Dispute (api_name /dispute)
+            images_key = image_check_tab(ws, base, number=5)  # api_name /challenge, /verify_images
+            dispute_tab(ws, base, _guard, number=6)  # api_name /dispute
 
         # -- events --------------------------------------------------------------------------------------------------
         passport_kind.change(lambda k: gr.Image(visible=k == "image"), passport_kind, passport_image,
@@ -225,20 +233,24 @@ def build_app(base: str = "tiny") -> gr.Blocks:
             _guard(ws, h.train),
             [photos, use_example, prompt, base_in, steps, rank, passport_kind, passport_image, name, lr, resolution,
              batch_size, seed, train_te],
-            [train_md, kohya_out, diffusers_out, key_out, commitment_out],
+            [train_md, kohya_out, diffusers_out, key_out, commitment_out, stamp_files],
             api_name="train", concurrency_id="heavy", concurrency_limit=1, show_progress_on=[train_md])
-        train_evt.success(lambda k: (k, k, k) if k else (gr.skip(),) * 3, key_out,
-                          [export_key, compare_key, verify_key], api_visibility="private", queue=False)
-        export_btn.click(_guard(ws, h.export), [export_key, layout, export_name], [export_file, export_md],
-                         api_name="export", concurrency_limit=4)
-        compare_btn.click(_guard(ws, h.compare),
-                          [compare_key, compare_base, compare_prompts, compare_seeds, compare_steps],
-                          [gallery, table, spectra, compare_md],
-                          api_name="compare", concurrency_id="heavy", concurrency_limit=1)
+        keys = [export_key, compare_key, verify_key, images_key, stamp_key]
+        train_evt.success(lambda k: (k,) * len(keys) if k else (gr.skip(),) * len(keys), key_out, keys,
+                          api_visibility="private", queue=False)
+        export_evt = export_btn.click(_guard(ws, h.export), [export_key, layout, export_name], [export_file, export_md],
+                                      api_name="export", concurrency_limit=4)
+        compare_evt = compare_btn.click(_guard(ws, h.compare),
+                                        [compare_key, compare_base, compare_prompts, compare_seeds, compare_steps],
+                                        [gallery, table, spectra, compare_md],
+                                        api_name="compare", concurrency_id="heavy", concurrency_limit=1)
         verify_evt = verify_btn.click(_guard(ws, h.verify),
                                       [verify_key, suspects, verify_base, threshold, together, commitment],
                                       [verdict, verify_table, chart, passport_img], api_name="verify",
                                       concurrency_limit=4)
+        for evt, area in ((train_evt, train_md), (export_evt, export_md), (compare_evt, compare_md),
+                          (verify_evt, verdict), (stamp_evt, stamp_md)):  # the error stays in the result area
+            evt.failure(ws.error_box, None, area, api_visibility="private", queue=False)
         ui_functional.hook(verify_evt, verify_key, suspects, verify_base, threshold, functional_box, functional_md,
                            clean=ws.clean)
 

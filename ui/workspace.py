@@ -40,10 +40,28 @@ class Workspace:
         self.root = Path(tempfile.mkdtemp(prefix="seal-diffusion-ui-")).resolve()  # mode 0700
         self.keep_seconds = keep_seconds
         self._lock = threading.Lock()
+        self._errors: dict[str, str] = {}  # the last error message of each browser session (kept on the page)
         atexit.register(self.cleanup)
 
+    @staticmethod
+    def _session(request) -> str:
+        return re.sub(r"[^A-Za-z0-9_-]", "", str(getattr(request, "session_hash", "") or ""))[:64] or "api"
+
+    def remember_error(self, request, message: str) -> None:
+        with self._lock:
+            if len(self._errors) > 1000:
+                self._errors.clear()
+            self._errors[self._session(request)] = message
+
+    def error_box(self, request: gr.Request = None) -> str:
+        """What a failed event leaves in its result area (``event.failure``): the message, until the next run."""
+        with self._lock:
+            message = self._errors.get(self._session(request), "")
+        return ("<div class='seal-verdict seal-error' id='seal-error'><strong>Stopped: nothing was done.</strong> "
+                f"{message}</div>")
+
     def job(self, request: gr.Request | None, kind: str) -> Path:
-        session = re.sub(r"[^A-Za-z0-9_-]", "", str(getattr(request, "session_hash", "") or ""))[:64] or "api"
+        session = self._session(request)
         self.prune()
         folder = self.root / session / f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{uuid.uuid4().hex[:8]}"
         folder.mkdir(parents=True)
@@ -72,25 +90,33 @@ class Workspace:
 
 
 def _guard(ws: Workspace, fn):
-    """Run a handler; UserError → gr.Error with its one line; anything else → logged, short message; never crash."""
+    """Run a handler; UserError → gr.Error with its one line; anything else → logged, short message; never crash.
+
+    The message stays: the toast until the user closes it (``duration=None``), and the event's result area shows it
+    too when the page wires ``event.failure(ws.error_box, None, area)`` (:meth:`Workspace.error_box`)."""
+
+    def fail(request, message: str, title: str = "Error"):
+        ws.remember_error(request, message)
+        return gr.Error(message, title=title, duration=None, print_exception=False)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        request = next((a for a in (*args, *kwargs.values()) if isinstance(a, gr.Request)), None)
         try:
             return fn(*args, **kwargs)
-        except gr.Error:
+        except gr.Error as exc:
+            ws.remember_error(request, html.escape(str(exc.message)))
             raise
         except UserError as exc:
-            raise gr.Error(html.escape(ws.clean(str(exc))), title="Please check your input",
-                           print_exception=False) from None
+            raise fail(request, html.escape(ws.clean(str(exc))), "Please check your input") from None
         except SystemExit as exc:  # argparse inside the library
-            raise gr.Error(f"Invalid settings (code {exc.code}).", print_exception=False) from None
+            raise fail(request, f"Invalid settings (code {exc.code}).") from None
         except Exception as exc:  # noqa: BLE001 - the server must keep answering
             log.exception("%s failed", fn.__name__)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             detail = f"{type(exc).__name__}: {ws.clean(first)}" if first else type(exc).__name__
-            raise gr.Error(html.escape(f"Something went wrong ({detail}). The app is still running; the details are "
-                                       "in the terminal where it was started."), print_exception=False) from None
+            raise fail(request, html.escape(f"Something went wrong ({detail}). The app is still running; the details "
+                                            "are in the terminal where it was started.")) from None
 
     return wrapper
 

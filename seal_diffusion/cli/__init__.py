@@ -44,8 +44,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="seal-diffusion",
-        description="SEAL watermarks for Stable Diffusion 1.5 LoRAs: train with a secret passport, export an "
-        "ordinary-looking LoRA, prove ownership of any copy.",
+        description="SEAL watermarks for Stable Diffusion LoRAs (SD 1.5 and SDXL): train with a secret passport, "
+        "export an ordinary-looking LoRA, prove ownership of any copy.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)

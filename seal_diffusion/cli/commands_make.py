@@ -104,7 +104,8 @@ def cmd_export(args) -> int:
 
 
 def add_ui_command(sub) -> None:
-    p = sub.add_parser("ui", help="the web app for creators: train, export, compare, verify (http://127.0.0.1:7860)")
+    p = sub.add_parser("ui", help="the web app for creators (SD 1.5 and SDXL): train and timestamp, export, compare, "
+                       "verify, check images, dispute (http://127.0.0.1:7860)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this computer only; 0.0.0.0 opens it to your network)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
