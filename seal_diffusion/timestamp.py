@@ -23,7 +23,8 @@ The key file is only read (to compute its commitment).
 
 **A reply is never replaced.** The first ``.tsr`` is the evidence that wins a dispute, and a later stamp has a later
 date. ``timestamp --tsa`` with ``NAME.tsr`` already there keeps it and writes the new reply as ``NAME-2.tsr`` (the next
-free number), and says so; only ``force=True`` (CLI ``--force``, where the command offers it) replaces ``NAME.tsr``.
+free number), and says so. ``force=True`` (CLI ``--force``, where the command offers it) replaces ``NAME.tsr`` only if
+it is not a granted reply for this key (a damaged file, another key's reply): a reply for this key is never replaced.
 
 **Library.** `rfc3161-client` (Trail of Bits; the TSP implementation sigstore uses; Rust ASN.1 parsing on top of
 `cryptography`). Compared with the two suggested options:
@@ -241,11 +242,12 @@ def _signer(resp) -> str:
         return "unknown"
 
 
-def new_reply_path(key_path: str | os.PathLike, force: bool = False) -> tuple[Path, Path | None]:
-    """Where a new reply goes, and the earlier reply it must not replace (None if there is none, or ``force``):
-    ``NAME.tsr``, else ``NAME-2.tsr``, ``NAME-3.tsr``, … (the first free name)."""
+def new_reply_path(key_path: str | os.PathLike, commitment: str, force: bool = False) -> tuple[Path, Path | None]:
+    """Where a new reply goes, and the earlier reply it must not replace (None if there is none):
+    ``NAME.tsr``, else ``NAME-2.tsr``, ``NAME-3.tsr``, … (the first free name). ``force`` replaces ``NAME.tsr`` only
+    when it is no granted reply for this commitment (damaged, another key's): a reply for this key is never replaced."""
     first = reply_path(key_path)
-    if force or not first.exists():
+    if not first.exists() or (force and not _is_reply_for(first, commitment)):
         return first, None
     n = 2
     while (candidate := first.with_name(f"{first.stem}-{n}{TSR_SUFFIX}")).exists():
@@ -253,11 +255,20 @@ def new_reply_path(key_path: str | os.PathLike, force: bool = False) -> tuple[Pa
     return candidate, first
 
 
+def _is_reply_for(path: Path, commitment: str) -> bool:
+    """Whether ``path`` is a granted reply whose imprint is this commitment's (its signature is not checked here)."""
+    try:
+        _check_untrusted(path.read_bytes(), commitment, str(path))
+    except (UserError, OSError):
+        return False
+    return True
+
+
 def stamp_key(key_path: str | os.PathLike, tsa: str | None = None, ca_file: str | os.PathLike | None = None,
               reply: str | os.PathLike | None = None, timeout: float = 30.0, *, force: bool = False) -> dict:
     """The ``timestamp`` command: write ``NAME.tsq``; with ``tsa`` fetch the reply, check it (with ``ca_file``) and
     write it — as ``NAME.tsr``, or beside an earlier reply, never over it (``kept``: the earlier one; ``force``:
-    replace it); with ``reply`` check an existing reply instead. Returns what happened (paths, Stamp)."""
+    replace a ``NAME.tsr`` that is no reply for this key); with ``reply`` check an existing reply instead. Returns what happened (paths, Stamp)."""
     commitment = SealKey.load(key_path).commitment()
     out: dict = {"commitment": commitment, "request": None, "reply": None, "stamp": None, "kept": None}
     if reply is not None:
@@ -277,7 +288,7 @@ def stamp_key(key_path: str | os.PathLike, tsa: str | None = None, ca_file: str 
         out["stamp"] = check_reply(answer, commitment, ca_file, nonce=nonce)
     else:
         _check_untrusted(answer, commitment, tsa)
-    target, kept = new_reply_path(key_path, force)
+    target, kept = new_reply_path(key_path, commitment, force)
     out["reply"] = str(write_bytes_atomic(target, answer, overwrite=force, what="timestamp reply"))
     out["kept"] = str(kept) if kept else None
     return out

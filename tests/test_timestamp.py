@@ -97,7 +97,8 @@ def test_http_tsa_end_to_end(tsa, tmp_path, capsys):
 
 def test_a_second_stamp_never_replaces_the_first_reply(tsa, tmp_path, capsys):
     """The first reply is the evidence (its date is the earliest): a second ``timestamp --tsa`` keeps it and writes the
-    new one as NAME-2.tsr, then NAME-3.tsr, and says so; only ``force`` replaces NAME.tsr."""
+    new one as NAME-2.tsr, then NAME-3.tsr, and says so; ``force`` replaces only a NAME.tsr that is no reply for this
+    key."""
     key, path = _key(tmp_path)
     url, server = tsa.serve()
     try:
@@ -115,9 +116,14 @@ def test_a_second_stamp_never_replaces_the_first_reply(tsa, tmp_path, capsys):
         for reply in (path.with_suffix(".tsr"), second, Path(third["reply"])):
             check_reply(reply, key.commitment(), tsa.ca)
         assert _bytes(path.with_suffix(".tsr")) == original
+        forced = stamp_key(path, url, tsa.ca, force=True)  # a reply for this key is kept even with force
+        assert forced["kept"] == str(path.with_suffix(".tsr")) and forced["reply"].endswith("-4.tsr")
+        assert _bytes(path.with_suffix(".tsr")) == original
+        path.with_suffix(".tsr").write_bytes(original[:40])  # damaged: force may replace it, nothing else does
+        assert stamp_key(path, url, tsa.ca)["reply"].endswith("-5.tsr")
         forced = stamp_key(path, url, tsa.ca, force=True)
         assert forced["reply"] == str(path.with_suffix(".tsr")) and forced["kept"] is None
-        assert _bytes(path.with_suffix(".tsr")) != original
+        check_reply(path.with_suffix(".tsr"), key.commitment(), tsa.ca)
     finally:
         server.shutdown()
 
