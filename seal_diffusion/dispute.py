@@ -20,9 +20,9 @@ original*). Per claim:
   dates the claim, it does not make it valid. A reply that does not check (tampered, from a TSA that ``--ca`` does
   not trust, for another commitment — e.g. another claimant's reply replayed —, unreadable) removes this claim's
   date, with the reason in the report; the dispute goes on;
-* **verify** (information) — the key against every *other* claimant's published file: in a dispute both directions
-  often detect (a thief who trains his own SEAL run on top of a stolen LoRA is detected by the owner's key *and*
-  detects the owner's file with his), which is why verify alone cannot order claims.
+* **verify** (information) — the key against every *other* claimant's published file: keys can detect each other's
+  files (a stolen key re-expressed detects the release; a thief's SEAL run on top of a stolen LoRA is detected by the
+  owner's key), which is why verify alone cannot order claims.
 
 **Decision.** A claim is *valid* when passports, R1, R2 and (if given) the commitment pass. Then:
 
