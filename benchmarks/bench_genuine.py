@@ -5,7 +5,8 @@ fixture), measures R2's quantities (difference, spread, function, loss gap) for 
 each run's *public* file (pad, nilpotent, outside, flip, optimised; optimised+repel from a random start and from C̃,
 the adaptive forger, which passed R2 in 2 of 2 runs on 2026-12-02: docs/dispute.md) and measures them the same way.
 Prints one row per run and a margin table: the smallest genuine value and the largest forged value of each measure
-against its threshold. Not a timed test; ~1 min per run on a quiet 2-core machine (much more on a loaded one).
+against its threshold. Whether each owner also *wins the dispute* against every attack (adaptive forger
+undated or stamped later, bad replies, re-saves, a thief's SEAL run on top): ``bench_dispute.py``. Not a timed test; ~1 min per run on a quiet 2-core machine (much more on a loaded one).
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_genuine.py [--runs 20] [--forge-every 4] [--json OUT]
 """

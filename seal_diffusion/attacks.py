@@ -216,17 +216,27 @@ def merge_into_checkpoint(lora_path: str | os.PathLike, base: str, out: str | os
 
 # -- the fine-tuning attack's start ---------------------------------------------------------------------------------
 def init_from_lora(network, path) -> None:
-    """Load a public LoRA's factors (scale folded into up) into a plain-LoRA network: A = down, B = up / (α/r).
+    """Load a public LoRA's factors (scale folded into up) into a network: A = down, B = up / (α/r); in a SEAL
+    network B = up·C⁻¹ / (α/r), so that ΔW with passport C starts as the file's (C_p's adapter starts elsewhere and
+    training makes it work too). Layers the file lacks keep the network's own start.
 
-    The fine-tuning attack's starting point: the trainer calls it for ``--init_lora``; the attack's entry point is
-    :func:`seal_diffusion.finetune.finetune_lora`."""
+    The trainer calls it for ``--init_lora``: with a plain network, the fine-tuning attack's start (entry point
+    :func:`seal_diffusion.finetune.finetune_lora`); with a SEAL network, a thief's SEAL run on top of a stolen file
+    (``tests/test_dispute.py``)."""
     lora = read_lora(path)
     found = lora.by_module(network.module_names)
-    missing = [m for m in network.module_names if m not in found]
-    if len(missing) == len(network.module_names):
+    if not found:
         raise UserError(f"{path}: none of its layers match this base model's attention layers")
     scale = network.alpha / network.rank
-    factors = {m: found.get(m, (network[m].lora_A.detach().cpu(), network[m].lora_B.detach().cpu() * scale))
-               for m in network.module_names}
-    network.load_factors({m: (d, u / scale) for m, (d, u) in factors.items()})
+    factors = {}
+    for m in network.module_names:
+        if m not in found:
+            factors[m] = (network[m].lora_A.detach().cpu(), network[m].lora_B.detach().cpu())
+            continue
+        d, u = found[m]
+        b = u.double() / scale
+        if network.is_seal:
+            b = b @ torch.linalg.inv(network[m].passport.detach().cpu().double())
+        factors[m] = (d, b.float())
+    network.load_factors(factors)
 

@@ -15,7 +15,8 @@ is invented:
 * ``flip`` — rank r; C̃_p is C̃ with the LoRA's weakest singular direction flipped (ΔW_p = ΔW − 2σ_r·u_r·v_rᵀ);
 * ``optimised`` — rank r; C̃_p fitted by gradient descent on the subject's images with B̃, Ã fixed, from a random
   start (the reviewers' open question); with ``repel`` > 0 it is also pushed to differ from C̃ in the LoRA's
-  directions (the adaptive forger, aiming at R2's own measures).
+  directions (the adaptive forger, aiming at R2's own measures); with ``detect`` his key also detects the file
+  (the dispute's R1).
 
 The forgers are used by ``tests/test_dispute.py`` and ``benchmarks/bench_genuine.py`` (not by any command);
 :func:`fit_passport_p` also serves the claim check's ambiguity attack (``attack ambiguity --mode optimised``).
@@ -106,10 +107,16 @@ def _module(mode: str, a1, b1, g, noise: float, outside_scale: float):
 
 def forge(public: dict[str, tuple[torch.Tensor, torch.Tensor]], mode: str, *, seed: int = 0, noise: float = 0.0,
           outside_scale: float = 0.3, base=None, data=None, prompt: str = "a photo of sks cat", steps: int = 60,
-          lr: float = 1e-2, repel: float = 0.0, start: str = "random", base_model: str = "tiny") -> SealKey:
+          lr: float = 1e-2, repel: float = 0.0, start: str = "random", base_model: str = "tiny",
+          detect: bool = False) -> SealKey:
     """A forged key for the public ``{module: (A′, B′)}`` (see the module docstring). ``optimised`` needs
     ``base`` (a pipeline) and ``data`` (subject images); ``start`` is ``random`` (a fresh passport of C̃'s scale) or
-    ``C`` (C̃ plus 10 % noise: perfect quality at the start, the adaptive forger's best bet with ``repel``)."""
+    ``C`` (C̃ plus 10 % noise: perfect quality at the start, the adaptive forger's best bet with ``repel``).
+
+    ``detect``: make the forged key also *detect* the file (the dispute's R1 asks for it): in every module whose
+    contrast ⟨C̃, C̃ − C̃_p⟩ is negative, reflect C̃_p to 2C̃ − C̃_p. That flips the sign of C̃ − C̃_p and keeps R2's
+    weight measures (‖B̃(C̃ − C̃_p)Ã‖, its spread) exactly; ΔW_p − ΔW changes sign, so to first order around a
+    well-fitted ΔW the quality is kept too."""
     g = torch.Generator().manual_seed(seed)
     modules = {}
     rank_mode = "flip" if mode == "optimised" else mode
@@ -121,7 +128,17 @@ def forge(public: dict[str, tuple[torch.Tensor, torch.Tensor]], mode: str, *, se
     key = SealKey(modules, rank, float(rank), base_model, [], "forged")
     if mode == "optimised":
         key = _optimise(key, base, data, prompt, steps, lr, repel, seed, start)
-    return key
+    return _aim_at_detection(key) if detect else key
+
+
+def _aim_at_detection(key: SealKey) -> SealKey:
+    """``forge(..., detect=True)``: C̃_p → 2C̃ − C̃_p where ⟨C̃, C̃ − C̃_p⟩ < 0 (see :func:`forge`)."""
+    modules = {}
+    for n, mk in key.modules.items():
+        c, cp = mk.passport, mk.passport_p
+        flip = float((c * (c - cp)).sum()) < 0
+        modules[n] = ModuleKey(mk.lora_A, mk.lora_B, c, (2 * c - cp).contiguous() if flip else cp)
+    return SealKey(modules, key.rank, key.alpha, key.base_model, key.target_modules, key.passport_source)
 
 
 def _optimise(key: SealKey, pipe, data, prompt, steps, lr, repel, seed, start="random") -> SealKey:

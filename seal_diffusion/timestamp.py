@@ -14,7 +14,17 @@ public: they hold only the hash of the commitment, the TSA's signature and its c
 **Checking a reply** (:func:`check_reply`): it must be a granted reply; its imprint must be this commitment's; its CMS
 signature must verify; the signer's certificate must chain to a certificate of the given CA file, carry the critical
 extended key usage *timeStamping*, and be valid at the reply's genTime; genTime is reported in UTC. Any failure is one
-:class:`~seal_diffusion.errors.UserError` line. The key file is only read (to compute its commitment).
+plain-sentence :class:`StampError` (a :class:`~seal_diffusion.errors.UserError`) whose ``kind`` says which: ``unreadable``,
+``refused``, ``another commitment`` (a reply made for another key, e.g. replayed), ``tampered`` (the signature does not
+match the contents), ``untrusted`` (signed by an authority that does not chain to the CA file), ``invalid time`` (the
+signer's certificate was not valid at the stated time: expired, or the time was altered) or ``not a TSA`` (no
+timeStamping usage). A dispute turns each of these into "this claim has no date" (:mod:`seal_diffusion.dispute`).
+The key file is only read (to compute its commitment).
+
+**A reply is never replaced.** The first ``.tsr`` is the evidence that wins a dispute, and a later stamp has a later
+date. ``timestamp --tsa`` with ``NAME.tsr`` already there keeps it and writes the new reply as ``NAME-2.tsr`` (the next
+free number), and says so. ``force=True`` (CLI ``--force``, where the command offers it) replaces ``NAME.tsr`` only if
+it is not a granted reply for this key (a damaged file, another key's reply): a reply for this key is never replaced.
 
 **Library.** `rfc3161-client` (Trail of Bits; the TSP implementation sigstore uses; Rust ASN.1 parsing on top of
 `cryptography`). Compared with the two suggested options:
@@ -60,6 +70,14 @@ TSQ_SUFFIX = ".tsq"
 TSR_SUFFIX = ".tsr"
 CONTENT_TYPE_QUERY = "application/timestamp-query"
 EXAMPLE_TSA = "https://freetsa.org/tsr"
+
+
+class StampError(UserError):
+    """A timestamp reply that does not check; ``kind`` says why (see the module docstring)."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass
@@ -154,32 +172,62 @@ def check_reply(reply: bytes | str | os.PathLike, commitment: str, ca_file: str 
         resp = decode_timestamp_response(reply)
         status = resp.status
     except Exception as exc:  # the parser raises ValueError and its own types for corrupt DER
-        raise UserError(f"{label}: not a readable RFC 3161 timestamp reply (corrupt or wrong file: {exc})") from exc
+        raise StampError(f"{label}: not a readable RFC 3161 timestamp reply (corrupt or wrong file: {exc})",
+                         "unreadable") from exc
     if status not in (PKIStatus.GRANTED, PKIStatus.GRANTED_WITH_MODS):
-        raise UserError(f"{label}: the timestamp authority refused the request (status {status})")
+        raise StampError(f"{label}: the timestamp authority refused the request (status {status})", "refused")
     try:
         tst = resp.tst_info
     except Exception as exc:
-        raise UserError(f"{label}: not a readable RFC 3161 timestamp reply (corrupt or wrong file: {exc})") from exc
+        raise StampError(f"{label}: not a readable RFC 3161 timestamp reply (corrupt or wrong file: {exc})",
+                         "unreadable") from exc
     imprint = tst.message_imprint
     expected = {"2.16.840.1.101.3.4.2.1": hashlib.sha256, "2.16.840.1.101.3.4.2.2": hashlib.sha384,
                 "2.16.840.1.101.3.4.2.3": hashlib.sha512}.get(imprint.hash_algorithm.dotted_string)
     if expected is None:
-        raise UserError(f"{label}: unsupported imprint hash algorithm {imprint.hash_algorithm.dotted_string}")
+        raise StampError(f"{label}: unsupported imprint hash algorithm {imprint.hash_algorithm.dotted_string}",
+                         "unreadable")
     if imprint.message != expected(want).digest():
-        raise UserError(f"{label}: is a timestamp of another hash, not of commitment {commitment.strip()[:16]}…")
+        raise StampError(f"{label}: is a timestamp of another hash, not of commitment {commitment.strip()[:16]}… "
+                         "(a reply made for another key)", "another commitment")
     builder = VerifierBuilder(roots=load_ca(ca_file))
     if nonce is not None:
         builder = builder.nonce(nonce)
     try:
         builder.build().verify_message(resp, want)
     except VerificationError as exc:
-        raise UserError(f"{label}: not trusted with --ca {ca_file}: {exc}") from exc
+        kind, sentence = _why_untrusted(str(exc), ca_file)
+        raise StampError(f"{label}: not trusted with --ca {ca_file}: {sentence}", kind) from None
     signer = _signer(resp)
     gen = tst.gen_time
     gen = gen.replace(tzinfo=timezone.utc) if gen.tzinfo is None else gen.astimezone(timezone.utc)
     return Stamp(gen.strftime("%Y-%m-%dT%H:%M:%S") + (f".{gen.microsecond:06d}".rstrip("0") if gen.microsecond else "")
                  + "Z", signer, int(tst.serial_number), commitment.strip().lower(), label)
+
+
+# OpenSSL's reasons (inside the verifier's ErrorStack text) → (kind, one plain sentence)
+_REASONS = (
+    (("digest failure", "signature failure", "content verify error"), "tampered",
+     "its signature does not match its contents (the reply was altered after signing)"),
+    (("unable to get local issuer", "self-signed certificate", "self signed certificate", "unable to get issuer",
+      "unable to verify the first certificate"), "untrusted",
+     "it was signed by a timestamp authority that does not chain to this CA file (another authority, or the "
+     "wrong CA file)"),
+    (("has expired", "not yet valid"), "invalid time",
+     "the authority's certificate was not valid at the time the reply states (expired, or the time was altered)"),
+    (("eku", "timestamping"), "not a TSA",
+     "its signer's certificate is not one for timestamps (no critical timeStamping key usage)"),
+    (("nonce mismatch",), "unreadable", "it answers another request (nonce mismatch)"),
+)
+
+
+def _why_untrusted(text: str, ca_file) -> tuple[str, str]:
+    """The verifier's message (often a raw OpenSSL ErrorStack) as (kind, one plain sentence)."""
+    low = text.lower()
+    for needles, kind, sentence in _REASONS:
+        if any(n in low for n in needles):
+            return kind, sentence
+    return "untrusted", f"its signature or certificate chain did not verify against {Path(ca_file).name}"
 
 
 def _signer(resp) -> str:
@@ -194,12 +242,35 @@ def _signer(resp) -> str:
         return "unknown"
 
 
+def new_reply_path(key_path: str | os.PathLike, commitment: str, force: bool = False) -> tuple[Path, Path | None]:
+    """Where a new reply goes, and the earlier reply it must not replace (None if there is none):
+    ``NAME.tsr``, else ``NAME-2.tsr``, ``NAME-3.tsr``, … (the first free name). ``force`` replaces ``NAME.tsr`` only
+    when it is no granted reply for this commitment (damaged, another key's): a reply for this key is never replaced."""
+    first = reply_path(key_path)
+    if not first.exists() or (force and not _is_reply_for(first, commitment)):
+        return first, None
+    n = 2
+    while (candidate := first.with_name(f"{first.stem}-{n}{TSR_SUFFIX}")).exists():
+        n += 1
+    return candidate, first
+
+
+def _is_reply_for(path: Path, commitment: str) -> bool:
+    """Whether ``path`` is a granted reply whose imprint is this commitment's (its signature is not checked here)."""
+    try:
+        _check_untrusted(path.read_bytes(), commitment, str(path))
+    except (UserError, OSError):
+        return False
+    return True
+
+
 def stamp_key(key_path: str | os.PathLike, tsa: str | None = None, ca_file: str | os.PathLike | None = None,
-              reply: str | os.PathLike | None = None, timeout: float = 30.0) -> dict:
+              reply: str | os.PathLike | None = None, timeout: float = 30.0, *, force: bool = False) -> dict:
     """The ``timestamp`` command: write ``NAME.tsq``; with ``tsa`` fetch the reply, check it (with ``ca_file``) and
-    write ``NAME.tsr``; with ``reply`` check an existing reply instead. Returns what happened (paths, Stamp)."""
+    write it — as ``NAME.tsr``, or beside an earlier reply, never over it (``kept``: the earlier one; ``force``:
+    replace a ``NAME.tsr`` that is no reply for this key); with ``reply`` check an existing reply instead. Returns what happened (paths, Stamp)."""
     commitment = SealKey.load(key_path).commitment()
-    out: dict = {"commitment": commitment, "request": None, "reply": None, "stamp": None}
+    out: dict = {"commitment": commitment, "request": None, "reply": None, "stamp": None, "kept": None}
     if reply is not None:
         if ca_file is None:
             raise UserError("--reply: pass --ca CAFILE (the timestamp authority's CA certificate) to check it")
@@ -217,7 +288,9 @@ def stamp_key(key_path: str | os.PathLike, tsa: str | None = None, ca_file: str 
         out["stamp"] = check_reply(answer, commitment, ca_file, nonce=nonce)
     else:
         _check_untrusted(answer, commitment, tsa)
-    out["reply"] = str(write_bytes_atomic(reply_path(key_path), answer))
+    target, kept = new_reply_path(key_path, commitment, force)
+    out["reply"] = str(write_bytes_atomic(target, answer, overwrite=force, what="timestamp reply"))
+    out["kept"] = str(kept) if kept else None
     return out
 
 

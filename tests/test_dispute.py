@@ -113,8 +113,7 @@ def test_dispute_earliest_valid_timestamp_wins(owner, tmp_path, tmp_path_factory
         assert {"name", "passed", "detail"} <= set(c["checks"][0])
     r2 = next(k for k in forger_c["checks"] if k["name"] == "R2 genuine pair")
     assert not r2["passed"]
-    cross = next(k for k in thief_c["checks"] if k["name"].startswith("verify ") and
-                 k["name"] != "verify suspect")
+    cross = next(k for k in thief_c["checks"] if k["name"].startswith("verify "))
     assert cross["passed"], "the thief's key detects the owner's published file: verify cannot order claims"
     assert "Ownership dispute report" in md.read_text() and str(owner_path) in md.read_text()
 
@@ -123,16 +122,24 @@ def test_dispute_earliest_valid_timestamp_wins(owner, tmp_path, tmp_path_factory
                for c in report["claims"]]
     undated = [ClaimResult(r.key, r.valid, r.checks, None, r.commitment) for r in results]
     assert decide(undated)[0] is None and "none has a trusted timestamp" in decide(undated)[1]
-    partly = [results[0], results[1], undated[2]]
-    assert decide(partly)[0] is None and "no trusted timestamp" in decide(partly)[1]
+    partly = [results[0], undated[1], results[2]]  # the owner undated, the thief (stamped last) dated
+    assert decide(partly)[0] == str(thief_path), "an undated claim cannot outrank a dated one"
+    assert "cannot outrank" in decide(partly)[1] and str(owner_path) in decide(partly)[1]
     assert decide([undated[1], undated[0]])[0] == str(owner_path), "one valid claim wins without timestamps"
     assert decide([undated[0]])[0] is None
+    tie = [results[1], ClaimResult(results[2].key, True, [], results[1].timestamp, "")]
+    assert decide(tie)[0] is None and "same timestamp" in decide(tie)[1]
 
-    # bad input: a timestamp of another key → exit 2 before any slow check; the keys are untouched
+    # a timestamp of another key: that claim loses its date (with the reason), the dispute goes on; the keys are
+    # untouched. Without --data no claim shows R2: cannot decide (exit 1), not bad input (exit 2)
     before = owner_path.read_bytes()
     bad = ["dispute", owner["lora"], "--claim", str(owner_path), "--timestamp", str(stamps[thief_path]),
-           "--ca", str(tsa.ca)]
-    assert main(bad) == 2
+           "--ca", str(tsa.ca), "--json", str(tmp_path / "bad.json")]
+    assert main(bad) == 1
+    only = json.loads((tmp_path / "bad.json").read_text())["claims"][0]
+    assert only["timestamp"] is None and "another commitment" in only["timestamp_problem"]
+    assert main(["dispute", owner["lora"], "--claim", str(owner_path), "--timestamp", str(stamps[thief_path])]) == 2, \
+        "a timestamp without --ca is the arbiter's bad input"
     with pytest.raises(SystemExit) as usage:  # a --timestamp before any --claim: a usage error
         main(["dispute", owner["lora"], "--timestamp", str(stamps[thief_path])])
     assert usage.value.code == 2

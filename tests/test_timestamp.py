@@ -1,6 +1,7 @@
 """RFC 3161 timestamps of a key's commitment, against a local CA and TSA made with the openssl command (no network)."""
 
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from tsa_helpers import LocalTSA
 from seal_diffusion.cli import main
 from seal_diffusion.errors import UserError
 from seal_diffusion.keyfile import ModuleKey, SealKey
-from seal_diffusion.timestamp import check_reply, stamp_key, write_request
+from seal_diffusion.timestamp import StampError, check_reply, stamp_key, write_request
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +93,64 @@ def test_http_tsa_end_to_end(tsa, tmp_path, capsys):
     assert main(["timestamp", "--key", str(path), "--tsa", url, "--ca", str(tsa.ca)]) == 2
     assert "not reachable" in capsys.readouterr().err
     assert path.with_suffix(".tsq").is_file()
+
+
+def test_a_second_stamp_never_replaces_the_first_reply(tsa, tmp_path, capsys):
+    """The first reply is the evidence (its date is the earliest): a second ``timestamp --tsa`` keeps it and writes the
+    new one as NAME-2.tsr, then NAME-3.tsr, and says so; ``force`` replaces only a NAME.tsr that is no reply for this
+    key."""
+    key, path = _key(tmp_path)
+    url, server = tsa.serve()
+    try:
+        first = stamp_key(path, url, tsa.ca)
+        assert first["reply"] == str(path.with_suffix(".tsr")) and first["kept"] is None
+        original = _bytes(path.with_suffix(".tsr"))
+        assert main(["timestamp", "--key", str(path), "--tsa", url, "--ca", str(tsa.ca)]) == 0
+        out = capsys.readouterr().out
+        second = path.with_name(f"{path.stem}-2.tsr")
+        assert f"kept the earlier reply {path.with_suffix('.tsr')}" in out and str(second) in out
+        assert _bytes(path.with_suffix(".tsr")) == original and second.is_file()
+        third = stamp_key(path, url, tsa.ca)
+        assert third["reply"] == str(path.with_name(f"{path.stem}-3.tsr"))
+        assert third["kept"] == str(path.with_suffix(".tsr")) and _bytes(second) != _bytes(Path(third["reply"]))
+        for reply in (path.with_suffix(".tsr"), second, Path(third["reply"])):
+            check_reply(reply, key.commitment(), tsa.ca)
+        assert _bytes(path.with_suffix(".tsr")) == original
+        forced = stamp_key(path, url, tsa.ca, force=True)  # a reply for this key is kept even with force
+        assert forced["kept"] == str(path.with_suffix(".tsr")) and forced["reply"].endswith("-4.tsr")
+        assert _bytes(path.with_suffix(".tsr")) == original
+        path.with_suffix(".tsr").write_bytes(original[:40])  # damaged: force may replace it, nothing else does
+        assert stamp_key(path, url, tsa.ca)["reply"].endswith("-5.tsr")
+        forced = stamp_key(path, url, tsa.ca, force=True)
+        assert forced["reply"] == str(path.with_suffix(".tsr")) and forced["kept"] is None
+        check_reply(path.with_suffix(".tsr"), key.commitment(), tsa.ca)
+    finally:
+        server.shutdown()
+
+
+def test_why_a_reply_does_not_check_is_one_plain_sentence(tsa, tmp_path, capsys):
+    """The wrong CA, a tampered reply, an expired TSA certificate, a reply for another key: each a plain sentence
+    (never the verifier's raw ``ErrorStack([...])``) and a ``kind`` the dispute reports."""
+    key, path = _key(tmp_path)
+    other, other_path = _key(tmp_path, seed=1)
+    good = tsa.reply(write_request(path)[0], tmp_path / "good.tsr")
+    raw = bytearray(_bytes(good))
+    policy = raw.find(bytes.fromhex("06042a030401"))  # the policy OID 1.2.3.4.1 inside the signed TSTInfo
+    raw[policy + 5] = 2
+    (tmp_path / "tampered.tsr").write_bytes(bytes(raw))
+    cases = {
+        "untrusted": (good, tsa.other_ca, "does not chain to this CA file"),
+        "tampered": (tmp_path / "tampered.tsr", tsa.ca, "does not match its contents"),
+        "invalid time": (tsa.reply(write_request(path)[0], tmp_path / "exp.tsr", signer="expired.pem"), tsa.ca,
+                         "was not valid at the time"),
+        "another commitment": (tsa.reply(write_request(other_path)[0], tmp_path / "o.tsr"), tsa.ca, "another key"),
+    }
+    for kind, (reply, ca, words) in cases.items():
+        with pytest.raises(StampError) as exc:
+            check_reply(reply, key.commitment(), ca)
+        msg = str(exc.value)
+        assert exc.value.kind == kind and words in msg, (kind, msg)
+        assert "ErrorStack" not in msg and "Error {" not in msg and "\n" not in msg
+        assert main(["timestamp", "--key", str(path), "--reply", str(reply), "--ca", str(ca)]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "ErrorStack" not in err

@@ -126,7 +126,8 @@ def cmd_ui(args) -> int:
 def add_timestamp_command(sub) -> None:
     p = sub.add_parser("timestamp", help="RFC 3161 timestamp of the key's commitment: write NAME.tsq, fetch and "
                        "check NAME.tsr", description="Writes the request NAME.tsq beside the key. With --tsa, sends it "
-                       "to that timestamp authority and writes the checked reply NAME.tsr; with --reply, checks an "
+                       "to that timestamp authority and writes the checked reply NAME.tsr — never over an earlier one: "
+                       "that is kept (its date is earlier) and the new reply is NAME-2.tsr; with --reply, checks an "
                        "existing reply. Stamp before you publish (docs/dispute.md).")
     p.add_argument("--key", required=True, help="the private .sealkey file (only read)")
     p.add_argument("--tsa", help="URL of an RFC 3161 timestamp authority (HTTP POST); none: only write the request")
@@ -147,6 +148,9 @@ def cmd_timestamp(args) -> int:
         print(f"timestamp OK: commitment {stamp.commitment} existed at {stamp.gen_time} (UTC), signed by {stamp.tsa}")
     if done["reply"] and not stamp:
         print(f"wrote the reply {done['reply']}, not checked against a CA: pass --ca (the TSA's CA certificate)")
+    if done.get("kept"):
+        print(f"kept the earlier reply {done['kept']} (an earlier date: it is the one that counts in a dispute); the "
+              f"new reply is {done['reply']}")
     if not args.tsa and not args.reply:
         print(f"send it to a timestamp authority (before you publish): {stamp_command(args.key)}")
     return 0

@@ -79,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rate of the text-encoder adapters (default: --learning_rate)")
     g.add_argument("--rank", type=int, default=32, help="LoRA rank r (default 32, the SEAL paper's SD 1.5 setting)")
     g.add_argument("--init_lora", default=None,
-                   help="--method lora only: start from this public LoRA file/folder (continued fine-tuning; its "
-                        "rank replaces --rank) — the fine-tuning attack")
+                   help="start from this public LoRA file/folder (its rank replaces --rank): continued plain-LoRA "
+                        "fine-tuning (--method lora, the fine-tuning attack) or a SEAL run on top of it (--method "
+                        "seal: passport C starts as the file; the thief of docs/dispute.md)")
     g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: = rank)")
     g.add_argument("--passport_source", default="random",
                    help="'random' (normal passports, the paper's SEAL†) or 'image:PATH' (a logo/signature as C)")
@@ -183,7 +184,6 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     need(bool(str(getattr(args, "logging_dir", "logs")).strip()), "--logging_dir: empty")
     need(args.rank >= 1, f"--rank {args.rank}: must be ≥ 1")
     if getattr(args, "init_lora", None):
-        need(args.method == "lora", "--init_lora: only with --method lora (continued plain-LoRA fine-tuning)")
         args.rank = read_lora(args.init_lora).rank
         args.alpha = float(args.rank)
     if args.method == "seal":
