@@ -38,7 +38,8 @@ from ..kohya_meta import training_metadata
 from ..model_card import public_base_label
 from ..network import SealNetwork, target_modules, text_encoders_of
 from .args import check_args, warn
-from .compat import apply_to_pipeline
+from .compat import (apply_to_pipeline, custom_text_encoding, encode_prompt_ids, resample_filter,
+                     running_training_summary, scheduler_kwargs)
 from .checkpoints import read_checkpoint_passports, read_checkpoint_state, resolve_checkpoint, save_checkpoint
 from .data import DreamBoothDataset, EpochSampler, ImageSet, collate, derived_seed, generator_for
 from .hub import push_public_files
@@ -131,7 +132,7 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
                          variant=getattr(args, "variant", None))
     unet, vae = pipe.unet, pipe.vae
     apply_to_pipeline(args, pipe, accelerator.device, warn_main)  # --tokenizer_name, xformers, warnings
-    if compat.custom_text_encoding(args) and is_sdxl(pipe):
+    if custom_text_encoding(args) and is_sdxl(pipe):
         raise UserError("--tokenizer_max_length/--text_encoder_use_attention_mask: SD 1.x bases only (as in diffusers)")
     resolution = args.resolution or default_resolution(pipe)
     if resolution % vae_scale_factor(vae):
@@ -139,7 +140,7 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
 
-    resample = compat.resample_filter(args)
+    resample = resample_filter(args)
     instance_set = ImageSet(instance_files, resolution, warn_main, f"--instance_data_dir {args.instance_data_dir}",
                             resample)
     class_set = None
@@ -179,7 +180,7 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
     # SD 1.x: the text encoder's hidden states; SDXL: both encoders', the pooled embedding and the size/crop time ids
     # (--train_text_encoder: encoded again every step, with grad through the adapted encoders; these are unused then)
     with torch.no_grad():
-        encode = (lambda p: compat.encode_prompt_ids(pipe, p, device, args)) if compat.custom_text_encoding(args) \
+        encode = (lambda p: encode_prompt_ids(pipe, p, device, args)) if custom_text_encoding(args) \
             else (lambda p: encode_text(pipe, p, device, size=resolution))
         instance_emb = encode(args.instance_prompt)
         class_emb = encode(args.class_prompt) if args.with_prior_preservation else None
@@ -225,7 +226,7 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes,
-                                 **compat.scheduler_kwargs(args))
+                                 **scheduler_kwargs(args))
     model, optimizer, loader, lr_scheduler = accelerator.prepare(network, optimizer, loader, lr_scheduler)
     noise_scheduler = training_noise_scheduler(pipe)
 
@@ -252,7 +253,7 @@ def train(args: argparse.Namespace, progress_callback: ProgressCallback | None =
                                               "gradient_accumulation_steps", "lr_scheduler")})
     log_file = open_train_log(logs_dir / TRAIN_LOG, global_step) if main_proc else None
     if main_proc:
-        compat.running_training_summary(
+        running_training_summary(
             num_examples=len(dataset), batches_per_epoch=batches_per_epoch, num_epochs=num_epochs,
             batch_size=args.train_batch_size, accumulation=args.gradient_accumulation_steps,
             total_batch_size=args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
