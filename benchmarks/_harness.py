@@ -2,7 +2,7 @@
 
 A "config" fixes the UNet, latent size, batch and precision; a "method" puts a LoRA on it:
 
-* ``seal``  — :class:`seal_diffusion.network.SealNetwork` with random passports, C on even steps and C_p on odd steps
+* ``seal``  — :class:`seal_diffusion.core.network.SealNetwork` with random passports, C on even steps and C_p on odd steps
   (the ``alternate`` schedule the trainer uses);
 * ``lora``  — the same class with ``passports=None`` (plain LoRA through our code: mode ``identity``, no r×r product);
 * ``peft``  — diffusers' own PEFT LoRA, ``unet.add_adapter(LoraConfig(...))``, trainable params cast to fp32 as
@@ -41,7 +41,7 @@ PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 def build_unet(kind: str, seed: int = 0):
     from diffusers import UNet2DConditionModel
 
-    from seal_diffusion.tiny import TINY_UNET_CONFIG, TINY_XL_UNET_CONFIG, build_sd15_unet, build_sdxl_unet
+    from seal_diffusion.models.tiny import TINY_UNET_CONFIG, TINY_XL_UNET_CONFIG, build_sd15_unet, build_sdxl_unet
 
     torch.manual_seed(seed)
     if kind in ("tiny", "tiny-xl"):
@@ -98,8 +98,8 @@ def make_adapter(method: str, unet, rank: int) -> Adapter:
     """Install ``method`` on ``unet``. ``seal``/``lora`` come back *deactivated* (unpatched) so several can share one
     UNet; ``peft`` changes the module tree and so needs a UNet of its own (it is always active)."""
     if method in ("seal", "lora"):
-        from seal_diffusion.network import SealNetwork, find_target_modules
-        from seal_diffusion.passport import make_passports
+        from seal_diffusion.core.network import SealNetwork, find_target_modules
+        from seal_diffusion.core.passport import make_passports
 
         passports = None
         if method == "seal":

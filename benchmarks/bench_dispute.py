@@ -12,7 +12,7 @@ For each of N tiny SEAL runs (seeds 100…, ranks 4 and 8 × passport schedules 
 * (e) a thief trains his own SEAL run on top of the stolen release (``--method seal --init_lora``), stamps his key
   later; the dispute is over his file.
 
-Every dispute is :func:`seal_diffusion.dispute.dispute` with the subject's images (R2 measured). Prints one row per
+Every dispute is :func:`seal_diffusion.ownership.dispute.dispute` with the subject's images (R2 measured). Prints one row per
 dispute (winner, each claim's validity) and the count of disputes the owner won. Not a timed test; on a quiet 2-core
 machine roughly 3 min per owner (training, 4 forger fits, one thief training, 8 disputes).
 
@@ -51,13 +51,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(2)
     from tsa_helpers import LocalTSA
 
-    from seal_diffusion.attacks import quantize
-    from seal_diffusion.base_model import load_pipeline
-    from seal_diffusion.dispute import ClaimInput, dispute
-    from seal_diffusion.forgery import forge, public_modules
-    from seal_diffusion.lora_file import read_lora
-    from seal_diffusion.subject import write_subject
-    from seal_diffusion.timestamp import write_request
+    from seal_diffusion.attacks.file_attacks import quantize
+    from seal_diffusion.models.base_model import load_pipeline
+    from seal_diffusion.ownership.dispute import ClaimInput, dispute
+    from seal_diffusion.ownership.forgery import forge, public_modules
+    from seal_diffusion.formats.lora_file import read_lora
+    from seal_diffusion.models.subject import write_subject
+    from seal_diffusion.ownership.timestamp import write_request
     from seal_diffusion.training import parse_args, train
 
     info = machine_info()

@@ -34,7 +34,7 @@ GPU_FORWARD_64_S = 0.025
 
 
 def _train_owner(tmp: Path) -> tuple[str, str]:
-    from seal_diffusion.subject import write_subject
+    from seal_diffusion.models.subject import write_subject
     from seal_diffusion.training import parse_args, train
 
     data = write_subject(tmp / "subject")
@@ -50,11 +50,11 @@ def _train_owner(tmp: Path) -> tuple[str, str]:
 def curve(key_path: str, suspects: list[str], probes: list[int]) -> dict:
     import torch
 
-    from seal_diffusion import functional as F
-    from seal_diffusion import probe_cache as PC
-    from seal_diffusion import probes as P
-    from seal_diffusion.base_model import load_pipeline
-    from seal_diffusion.keyfile import SealKey
+    from seal_diffusion.detection import functional as F
+    from seal_diffusion.detection import probe_cache as PC
+    from seal_diffusion.detection import probes as P
+    from seal_diffusion.models.base_model import load_pipeline
+    from seal_diffusion.core.keyfile import SealKey
 
     key = SealKey.load(key_path)
     pipe = load_pipeline("tiny")
@@ -101,7 +101,7 @@ def verify_cli_cost(key_path: str, lora: str, n: int) -> dict:
 def sd15_cost(batch: int = 2) -> dict:
     import torch
 
-    from seal_diffusion.tiny import build_sd15_unet
+    from seal_diffusion.models.tiny import build_sd15_unet
 
     torch.manual_seed(0)
     unet = build_sd15_unet("cpu")

@@ -30,9 +30,9 @@ def seal_key_for(unet, rank: int, seed: int = 0):
     """A trained-looking SEAL key for ``unet``: random passports, A kaiming (as initialised), B random (not zero)."""
     import torch
 
-    from seal_diffusion.keyfile import SealKey
-    from seal_diffusion.network import SealNetwork, find_target_modules
-    from seal_diffusion.passport import make_passports
+    from seal_diffusion.core.keyfile import SealKey
+    from seal_diffusion.core.network import SealNetwork, find_target_modules
+    from seal_diffusion.core.passport import make_passports
 
     torch.manual_seed(seed)
     net = SealNetwork(unet, rank, rank, make_passports(list(find_target_modules(unet)), rank, b"bench-generation"))
@@ -60,8 +60,8 @@ def bench_pipe(pipe, label: str, rank: int, layout: str, reps: int, warmup: int,
                with_base: bool, tmp: Path) -> list[C.Row]:
     import torch
 
-    from seal_diffusion.export import export_lora
-    from seal_diffusion.lora_file import write_lora
+    from seal_diffusion.core.export import export_lora
+    from seal_diffusion.formats.lora_file import write_lora
 
     key, modules = seal_key_for(pipe.unet, rank)
     seal_path = export_lora(key, tmp / f"seal_{label}.safetensors", layout)
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from seal_diffusion.tiny import build_sd15_unet, build_tiny_components, build_tiny_pipeline
+    from seal_diffusion.models.tiny import build_sd15_unet, build_tiny_components, build_tiny_pipeline
 
     info = C.machine_info()
     C.print_machine(info)

@@ -1,4 +1,4 @@
-"""R2 margins: the real owner on ≥ 20 genuine runs vs every forger, with the thresholds of seal_diffusion.genuine.
+"""R2 margins: the real owner on ≥ 20 genuine runs vs every forger, with the thresholds of seal_diffusion.ownership.genuine.
 
 Trains N tiny SEAL runs (seeds × ranks 4 and 8 × passport schedules alternate and split; 60 steps each, as the test
 fixture), measures R2's quantities (difference, spread, function, loss gap) for each owner key, forges claims from
@@ -39,11 +39,11 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(2)
-    from seal_diffusion.base_model import load_pipeline
-    from seal_diffusion.forgery import forge, public_modules
-    from seal_diffusion.genuine import MAX_GAP, MIN_DIFFERENCE, MIN_FUNCTION, MIN_SPREAD, check_genuine_pair
-    from seal_diffusion.keyfile import SealKey
-    from seal_diffusion.subject import write_subject
+    from seal_diffusion.models.base_model import load_pipeline
+    from seal_diffusion.ownership.forgery import forge, public_modules
+    from seal_diffusion.ownership.genuine import MAX_GAP, MIN_DIFFERENCE, MIN_FUNCTION, MIN_SPREAD, check_genuine_pair
+    from seal_diffusion.core.keyfile import SealKey
+    from seal_diffusion.models.subject import write_subject
     from seal_diffusion.training import parse_args, train
 
     info = machine_info()

@@ -55,8 +55,8 @@ def micro_layer(d_in: int, d_out: int, tokens: int, rank: int, bf16: bool, reps:
 
     import torch
 
-    from seal_diffusion.layer import SealLoRALayer
-    from seal_diffusion.passport import make_passports
+    from seal_diffusion.core.layer import SealLoRALayer
+    from seal_diffusion.core.passport import make_passports
 
     torch.manual_seed(0)
     dtype = torch.bfloat16 if bf16 else torch.float32

@@ -36,10 +36,10 @@ ARCH_NAMES = {"sd15": "SD 1.5", "sdxl": "SDXL"}
 def synthetic_key(rank: int, seed: int = 0, arch: str = "sd15"):
     import torch
 
-    from seal_diffusion.keyfile import ModuleKey, SealKey
-    from seal_diffusion.network import find_target_modules
-    from seal_diffusion.passport import make_passports
-    from seal_diffusion.tiny import build_sd15_unet, build_sdxl_unet
+    from seal_diffusion.core.keyfile import ModuleKey, SealKey
+    from seal_diffusion.core.network import find_target_modules
+    from seal_diffusion.core.passport import make_passports
+    from seal_diffusion.models.tiny import build_sd15_unet, build_sdxl_unet
 
     modules = find_target_modules((build_sdxl_unet if arch == "sdxl" else build_sd15_unet)("meta"))
     passports = make_passports(list(modules), rank, b"bench-verify")
@@ -83,11 +83,11 @@ def main(argv=None) -> int:
 
     from safetensors.torch import load_file
 
-    from seal_diffusion.export import export_lora
-    from seal_diffusion.keyfile import SealKey
-    from seal_diffusion.lora_file import read_lora, write_lora
-    from seal_diffusion.scan import scan
-    from seal_diffusion.verify import (Suspect, _recover, load_suspect, prepare, sign_flip_neg_log10_p, verify,
+    from seal_diffusion.core.export import export_lora
+    from seal_diffusion.core.keyfile import SealKey
+    from seal_diffusion.formats.lora_file import read_lora, write_lora
+    from seal_diffusion.detection.scan import scan
+    from seal_diffusion.detection.verify import (Suspect, _recover, load_suspect, prepare, sign_flip_neg_log10_p, verify,
                                        verify_path)
 
     GOAL_S, arch = GOALS_S[args.arch], ARCH_NAMES[args.arch]

@@ -47,9 +47,9 @@ def main() -> None:
     ap.add_argument("--innocent", action="store_true", help="also a plain LoRA of the same subject")
     args = ap.parse_args()
 
-    from seal_diffusion.distill import distill_lora
-    from seal_diffusion.functional import verify_both
-    from seal_diffusion.subject import write_subject
+    from seal_diffusion.attacks.distill import distill_lora
+    from seal_diffusion.detection.functional import verify_both
+    from seal_diffusion.models.subject import write_subject
     from seal_diffusion.training import parse_args, train
 
     out = Path(args.out)

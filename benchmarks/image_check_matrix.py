@@ -37,7 +37,7 @@ INNOCENT_CONDITIONS = ("as asked", "JPEG 50", "sampler Euler", "LoRA strength 0.
 
 def train_suspects(work: Path, subject: str) -> tuple[str, dict[str, Path]]:
     """release / plain / other-key SEAL runs for ``subject`` under ``work`` (skipped when already there)."""
-    from seal_diffusion.subject import INSTANCE_PROMPT, PHOTO_SUBJECTS, write_photo_subject, write_subject
+    from seal_diffusion.models.subject import INSTANCE_PROMPT, PHOTO_SUBJECTS, write_photo_subject, write_subject
     from seal_diffusion.training import parse_args, train
 
     prompt = INSTANCE_PROMPT if subject == "cat" else PHOTO_SUBJECTS[subject]
@@ -88,12 +88,12 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     from PIL import Image
 
-    from seal_diffusion.base_model import load_pipeline
-    from seal_diffusion.image_challenge import DEFAULT_N
-    from seal_diffusion.image_check import create_challenge, load_images, owner_reference
-    from seal_diffusion.image_sampler import directional_statistics, use_scheduler
-    from seal_diffusion.keyfile import SealKey
-    from seal_diffusion.verify import sign_flip_neg_log10_p
+    from seal_diffusion.models.base_model import load_pipeline
+    from seal_diffusion.detection.image_challenge import DEFAULT_N
+    from seal_diffusion.detection.image_check import create_challenge, load_images, owner_reference
+    from seal_diffusion.detection.image_sampler import directional_statistics, use_scheduler
+    from seal_diffusion.core.keyfile import SealKey
+    from seal_diffusion.detection.verify import sign_flip_neg_log10_p
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -33,11 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def distill(key, steps: int, latent: int, out: Path, seed: int = 0) -> Path:
     """A thief's copy without training images: fresh rank-4 plain LoRA, Adam 3e-3, batch 4, random latents."""
-    from seal_diffusion.base_model import load_pipeline
-    from seal_diffusion.network import network_from_key
-    from seal_diffusion.fold import fold
-    from seal_diffusion.lora_file import write_lora
-    from seal_diffusion.network import SealNetwork
+    from seal_diffusion.models.base_model import load_pipeline
+    from seal_diffusion.core.network import network_from_key
+    from seal_diffusion.core.fold import fold
+    from seal_diffusion.formats.lora_file import write_lora
+    from seal_diffusion.core.network import SealNetwork
 
     teacher, student = load_pipeline("tiny"), load_pipeline("tiny")
     network_from_key(key, teacher)
@@ -77,12 +77,12 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     from PIL import Image
 
-    from seal_diffusion.base_model import load_pipeline
-    from seal_diffusion.render import generate
-    from seal_diffusion.image_check import create_challenge, verify_images
-    from seal_diffusion.image_sampler import use_scheduler
-    from seal_diffusion.keyfile import SealKey
-    from seal_diffusion.verify import sign_flip_neg_log10_p
+    from seal_diffusion.models.base_model import load_pipeline
+    from seal_diffusion.evaluation.render import generate
+    from seal_diffusion.detection.image_check import create_challenge, verify_images
+    from seal_diffusion.detection.image_sampler import use_scheduler
+    from seal_diffusion.core.keyfile import SealKey
+    from seal_diffusion.detection.verify import sign_flip_neg_log10_p
 
     tmp = Path(tempfile.mkdtemp(prefix="image-check-power-"))
     owner = Path(args.owner)

@@ -1,15 +1,15 @@
 """``seal-diffusion demo``: the whole story on the embedded default model, in about a minute on 2 CPU cores.
 
 1. train a SEAL LoRA on the bundled subject (the cat) — key first, then the public files (kohya + diffusers) — and
-   timestamp the key's commitment at a local RFC 3161 timestamp authority (:mod:`seal_diffusion.local_tsa`);
+   timestamp the key's commitment at a local RFC 3161 timestamp authority (:mod:`seal_diffusion.ownership.local_tsa`);
 2. train an *innocent* plain LoRA on the same subject from the same base;
 3. verify both exported files (detected), the innocent LoRA (not detected), and attacked copies (90 % pruning, int8,
    re-factorisation…: detected);
-4. distil the release into a fresh LoRA trained on its outputs (:mod:`seal_diffusion.distill`): the weight test has
-   little left to find, the function-level test (:mod:`seal_diffusion.functional`) finds it; the innocent LoRA stays
+4. distil the release into a fresh LoRA trained on its outputs (:mod:`seal_diffusion.attacks.distill`): the weight test has
+   little left to find, the function-level test (:mod:`seal_diffusion.detection.functional`) finds it; the innocent LoRA stays
    clean in both;
 5. a forger factors the published file into a key of his own and timestamps it after the release; the dispute
-   (:mod:`seal_diffusion.dispute`) checks both claims and the owner wins;
+   (:mod:`seal_diffusion.ownership.dispute`) checks both claims and the owner wins;
 6. measure entanglement (held-out denoising loss with C, C_p, no passport, base) and compare images with and without
    passports (SSIM/PSNR, grid, spectra);
 7. print a summary table and write ``DIR/summary.md`` with the pictures (and ``DIR/dispute/dispute.md``).
@@ -24,17 +24,17 @@ import os
 import time
 from pathlib import Path
 
-from . import attacks
-from .compare import compare
+from .attacks import file_attacks as attacks
+from .reports.compare import compare
 from .defaults import DEMO_STEPS  # the value --help shows
 from .errors import UserError
-from .evaluation import heldout_batch, heldout_denoising_loss
+from .evaluation.heldout import heldout_batch, heldout_denoising_loss
 from .fileio import write_text_atomic
-from .keyfile import SealKey
-from .lora_file import read_lora
-from .plots import plot_spectra
-from .subject import write_subject
-from .verify import Suspect, verify, verify_path
+from .core.keyfile import SealKey
+from .formats.lora_file import read_lora
+from .reports.plots import plot_spectra
+from .models.subject import write_subject
+from .detection.verify import Suspect, verify, verify_path
 
 DEMO_RANK = 4
 DEMO_LR = {"seal": 3e-3, "lora": 3e-3}  # the tiny random model needs a bolder step than SD 1.5's 1e-5 / 5e-5
@@ -46,7 +46,7 @@ DISTILL_STEPS = 150  # the distilled copy: 150 Adam steps on 16×16 latents keep
 DISTILL_LATENT = 16
 DEMO_PROBES = 4  # function-level test: 4 secret probes at 16×16 (the CLI's --probes 4 --probe-size 16)
 DEMO_PROBE_SIZE = 16
-FORGER_MODE = "flip"  # seal_diffusion.forgery: the weak-direction flip forger (docs/dispute.md)
+FORGER_MODE = "flip"  # seal_diffusion.ownership.forgery: the weak-direction flip forger (docs/dispute.md)
 PAIR_LABELS = {  # the summary's words for compare's pairs (compare.md keeps the paper's notation)
     ("exported", "C"): "the shared file vs the trained LoRA with passport C: must be identical",
     ("identity", "base"): "the LoRA without a passport vs the base model: close, the passport does the work",
@@ -71,8 +71,8 @@ def _train(out: Path, subject: Path, method: str, seed: int, steps: int, rank: i
 
 def _stamp(tsa, key_path: Path, after: str | None = None):
     """Timestamp ``key_path``'s commitment at the local TSA: ``NAME.tsq`` and ``NAME.tsr`` beside the key; the checked
-    :class:`~seal_diffusion.timestamp.Stamp`. ``after``: a genTime this stamp must be later than (1 s resolution)."""
-    from .timestamp import check_reply, reply_path, write_request
+    :class:`~seal_diffusion.ownership.timestamp.Stamp`. ``after``: a genTime this stamp must be later than (1 s resolution)."""
+    from .ownership.timestamp import check_reply, reply_path, write_request
 
     for _ in range(3):
         tsq, _ = write_request(key_path)
@@ -87,8 +87,8 @@ def _stamp(tsa, key_path: Path, after: str | None = None):
 def _distill_and_test(out: Path, key_path: str, release: str, innocent: str, pipe, say) -> tuple[list[dict], object]:
     """Step 4: a distilled copy of the release; the weight test and the function-level test on it and on the
     innocent LoRA. Rows for the summary (``expected`` None: shown for information)."""
-    from .distill import distill_lora
-    from .functional import verify_both
+    from .attacks.distill import distill_lora
+    from .detection.functional import verify_both
 
     res = distill_lora(release, out / "distilled" / "cat_distilled.safetensors", base="tiny", rank=DEMO_RANK,
                        steps=DISTILL_STEPS, batch=2, latent_size=DISTILL_LATENT, fidelity_inputs=8, overwrite=True)
@@ -107,8 +107,8 @@ def _distill_and_test(out: Path, key_path: str, release: str, innocent: str, pip
 
 def _dispute(out: Path, tsa, owner_stamp, seal: dict, subject: Path, pipe) -> dict:
     """Step 5: the forger's key from the published file, stamped after the release; the dispute between the two."""
-    from .dispute import ClaimInput, dispute
-    from .forgery import forge, public_modules
+    from .ownership.dispute import ClaimInput, dispute
+    from .ownership.forgery import forge, public_modules
 
     forged = forge(public_modules(seal["diffusers_path"]), FORGER_MODE, seed=3)
     forger_key = forged.save(out / "forger" / "forger.sealkey", force=True)
@@ -130,7 +130,7 @@ def run_demo(out_dir: str | os.PathLike = "demo-out", *, steps: int = DEMO_STEPS
              compare_steps: int = 10, compare_seeds: tuple[int, ...] = DEMO_SEEDS,
              heldout_timesteps: int = HELDOUT_TIMESTEPS, progress=print) -> dict:
     """Run the demo into ``out_dir``; returns the numbers of the summary."""
-    from .local_tsa import LocalTSA
+    from .ownership.local_tsa import LocalTSA
 
     say = progress or (lambda *_: None)
     t0 = time.time()

@@ -40,7 +40,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_dir():
     """The cached diffusers folder of the embedded default (built once per test session)."""
-    from seal_diffusion.tiny import tiny_model_dir
+    from seal_diffusion.models.tiny import tiny_model_dir
 
     return tiny_model_dir()
 
@@ -48,7 +48,7 @@ def tiny_dir():
 @pytest.fixture()
 def tiny_pipe(tiny_dir):
     """A fresh tiny pipeline (loaded from the cache; tests may modify it)."""
-    from seal_diffusion.base_model import load_pipeline
+    from seal_diffusion.models.base_model import load_pipeline
 
     return load_pipeline("tiny")
 
@@ -56,7 +56,7 @@ def tiny_pipe(tiny_dir):
 @pytest.fixture(scope="session")
 def subject_dir(tmp_path_factory):
     """The bundled subject (8 PNGs, 64×64) written once per session."""
-    from seal_diffusion.subject import write_subject
+    from seal_diffusion.models.subject import write_subject
 
     return write_subject(tmp_path_factory.mktemp("subject"))
 
@@ -73,7 +73,7 @@ def owner_training(tmp_path_factory, subject_dir):
 
     from filelock import FileLock
 
-    from seal_diffusion.base_model import load_pipeline
+    from seal_diffusion.models.base_model import load_pipeline
 
     shared = tmp_path_factory.getbasetemp().parent
     done = shared / "owner_training.json"

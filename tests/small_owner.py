@@ -5,18 +5,18 @@ import contextlib
 
 import torch
 
-from seal_diffusion.export import export_lora
-from seal_diffusion.keyfile import SealKey
-from seal_diffusion.network import SealNetwork, find_target_modules
-from seal_diffusion import passport
-from seal_diffusion.passport import make_passports
+from seal_diffusion.core.export import export_lora
+from seal_diffusion.core.keyfile import SealKey
+from seal_diffusion.core.network import SealNetwork, find_target_modules
+from seal_diffusion.core import passport
+from seal_diffusion.core.passport import make_passports
 
 RANK = 4
 
 
 def small_owner(folder, secret: str, rank: int = RANK) -> dict:
     """Train 6 steps, save ``owner.sealkey`` and ``owner.safetensors`` (kohya) in ``folder``."""
-    from seal_diffusion.base_model import load_pipeline
+    from seal_diffusion.models.base_model import load_pipeline
 
     unet = load_pipeline("tiny").unet
     names = list(find_target_modules(unet))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from seal_diffusion.checkpoint import (
+from seal_diffusion.formats.checkpoint import (
     is_ldm_checkpoint,
     pipeline_to_ldm,
     save_single_file,
@@ -17,7 +17,7 @@ from seal_diffusion.checkpoint import (
 )
 from seal_diffusion.errors import UserError
 from seal_diffusion.fileio import load_safetensors, read_safetensors_metadata
-from seal_diffusion.tiny import build_added_kv_unet, build_sd15_unet, build_tiny_pipeline, write_tiny_model
+from seal_diffusion.models.tiny import build_added_kv_unet, build_sd15_unet, build_tiny_pipeline, write_tiny_model
 
 # The SD 1.x KL VAE (stable-diffusion-v1-5/vae/config.json), built on the meta device below for its names/shapes.
 SD15_VAE_CONFIG = dict(
@@ -221,7 +221,7 @@ def test_sdxl_from_single_file_round_trip_is_exact(tmp_path, monkeypatch):
                                                      convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
                                                      convert_open_clip_checkpoint)
 
-    from seal_diffusion.tiny import build_tiny_xl_pipeline
+    from seal_diffusion.models.tiny import build_tiny_xl_pipeline
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     xl = build_tiny_xl_pipeline(seed=1234)  # not the folder's weights
@@ -256,7 +256,7 @@ def test_sdxl_from_single_file_round_trip_is_exact(tmp_path, monkeypatch):
 
 
 def test_open_clip_names_refuse_unknown_weights():
-    from seal_diffusion.checkpoint import open_clip_to_ldm
+    from seal_diffusion.formats.checkpoint import open_clip_to_ldm
 
     w = torch.zeros(2, 2)
     with pytest.raises(UserError, match="OpenCLIP"):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from seal_diffusion.claim import check_claim, forge_passport_p
-from seal_diffusion.keyfile import ModuleKey, SealKey
+from seal_diffusion.ownership.claim import check_claim, forge_passport_p
+from seal_diffusion.core.keyfile import ModuleKey, SealKey
 from seal_diffusion.training import parse_args, train
 
 
@@ -39,7 +39,7 @@ def test_wrong_commitment_and_trivial_claims_fail(owner_run):
     report = _check(owner_run, key, commitment="0" * 64)
     assert not report.accepted and any(c.name == "commitment" and not c.passed for c in report.checks)
     # the known hole: C = C_p = I with B' A' (a forger's factorisation of the release) reproduces the file exactly
-    from seal_diffusion.export import public_factors
+    from seal_diffusion.core.export import public_factors
 
     eye = torch.eye(key.rank)
     trivial = SealKey({n: ModuleKey(a, b / key.scale, eye, eye) for n, (a, b) in public_factors(key).items()},
@@ -52,9 +52,9 @@ def test_wrong_commitment_and_trivial_claims_fail(owner_run):
 
 def test_finetune_attack_keeps_watermark_and_starts_from_the_file(owner_run, tmp_path):
     """Continued plain-LoRA training from the release, as long as the original run: still detected."""
-    from seal_diffusion.lora_file import read_lora
-    from seal_diffusion.finetune import finetune_lora
-    from seal_diffusion.verify import verify_path
+    from seal_diffusion.formats.lora_file import read_lora
+    from seal_diffusion.attacks.finetune import finetune_lora
+    from seal_diffusion.detection.verify import verify_path
 
     out = finetune_lora(owner_run["lora"], tmp_path / "ft.safetensors", data=owner_run["data"], steps=60,
                         learning_rate=2e-3, seed=5)
@@ -73,7 +73,7 @@ def test_finetune_attack_keeps_watermark_and_starts_from_the_file(owner_run, tmp
 def test_same_subject_innocents_are_not_accused(owner_run, tmp_path, method, seed):
     """Independent LoRAs of the same subject from the same base share structure with the owner's: the exact
     sign-flip test must still not accuse them."""
-    from seal_diffusion.verify import verify_path
+    from seal_diffusion.detection.verify import verify_path
 
     args = parse_args(["--pretrained_model_name_or_path", "tiny", "--instance_data_dir", str(owner_run["data"]),
                        "--instance_prompt", "a photo of sks cat", "--output_dir", str(tmp_path), "--output_name",

@@ -9,15 +9,16 @@ import torch
 from PIL import Image
 
 from seal_diffusion.cli import commands_compare as cli
-from seal_diffusion import compare as cmp
-from seal_diffusion import sigma_sweep as sweep
-from seal_diffusion import metrics, plots
+from seal_diffusion.reports import compare as cmp
+from seal_diffusion.reports import sigma_sweep as sweep
+from seal_diffusion.evaluation import metrics
+from seal_diffusion.reports import plots
 from seal_diffusion.errors import UserError
-from seal_diffusion.export import export_lora, public_factors
-from seal_diffusion.keyfile import SealKey
-from seal_diffusion.network import SealNetwork, find_target_modules
-from seal_diffusion.passport import correlation, make_passports
-from seal_diffusion.verify import Suspect, load_suspect, recover_passports
+from seal_diffusion.core.export import export_lora, public_factors
+from seal_diffusion.core.keyfile import SealKey
+from seal_diffusion.core.network import SealNetwork, find_target_modules
+from seal_diffusion.core.passport import correlation, make_passports
+from seal_diffusion.detection.verify import Suspect, load_suspect, recover_passports
 
 RANK = 4
 PROMPT = "a photo of sks cat"
@@ -43,7 +44,7 @@ def _short_run(unet, passports, steps=6, lr=1e-2):
 @pytest.fixture(scope="module")
 def key_and_pipe(tiny_dir):
     """A key from a short SEAL run on the tiny default, and the base pipeline (unpatched again)."""
-    from seal_diffusion.base_model import load_pipeline
+    from seal_diffusion.models.base_model import load_pipeline
 
     pipe = load_pipeline("tiny")
     names = list(find_target_modules(pipe.unet))
@@ -155,7 +156,7 @@ def test_prompt_files_and_bad_input(tmp_path, key_and_pipe):
     with pytest.raises(UserError, match="give --prompt"):
         _cli(["compare", "--key", "k.sealkey", "--out", str(tmp_path / "o")])
     # a key for another architecture: one clear error, pipeline untouched
-    from seal_diffusion import tiny
+    from seal_diffusion.models import tiny
 
     other = tiny.build_added_kv_unet()
     net = SealNetwork(other, RANK, passports=make_passports(list(find_target_modules(other)), RANK, "x"))

@@ -18,8 +18,8 @@ def test_demo_end_to_end(tmp_path, capsys):
                    "| forger.sealkey | no |", "| cat.sealkey | yes |", "**The owner wins** (cat.sealkey)"):
         assert needle in summary, needle
     # the owner's timestamp is a real RFC 3161 reply of the local TSA, checked with its CA; the forger's is later
-    from seal_diffusion.keyfile import SealKey
-    from seal_diffusion.timestamp import check_reply
+    from seal_diffusion.core.keyfile import SealKey
+    from seal_diffusion.ownership.timestamp import check_reply
 
     owner = check_reply(out / "seal" / "cat.tsr", SealKey.load(out / "seal" / "cat.sealkey").commitment(),
                         out / "local-tsa" / "ca.pem")

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from seal_diffusion.errors import UserError
-from seal_diffusion.layer import SealLoRALayer
+from seal_diffusion.core.layer import SealLoRALayer
 from seal_diffusion.training import compat, main, parse_args
 from seal_diffusion.training.data import ImageSet
 

@@ -12,13 +12,13 @@ import torch
 from tsa_helpers import LocalTSA
 
 from seal_diffusion.cli import main
-from seal_diffusion.dispute import Check, ClaimResult, decide
-from seal_diffusion.forgery import forge, public_modules
-from seal_diffusion.genuine import MIN_DIFFERENCE, MIN_SPREAD, check_genuine_pair, weight_measures
-from seal_diffusion.keyfile import ModuleKey, SealKey
-from seal_diffusion.passport import pair_problem
-from seal_diffusion.timestamp import write_request
-from seal_diffusion.verify import verify_path
+from seal_diffusion.ownership.dispute import Check, ClaimResult, decide
+from seal_diffusion.ownership.forgery import forge, public_modules
+from seal_diffusion.ownership.genuine import MIN_DIFFERENCE, MIN_SPREAD, check_genuine_pair, weight_measures
+from seal_diffusion.core.keyfile import ModuleKey, SealKey
+from seal_diffusion.core.passport import pair_problem
+from seal_diffusion.ownership.timestamp import write_request
+from seal_diffusion.detection.verify import verify_path
 
 PROMPT = "a photo of sks cat"
 

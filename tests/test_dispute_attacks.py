@@ -3,7 +3,7 @@ owner), claimants who attach a bad timestamp (tampered, untrusted, replayed), a 
 re-save of the release, and a thief's own SEAL training on top of the stolen file — each stamped after the owner.
 
 Every dispute here runs the full check (passports, R1, R2 with the subject's images, timestamps) through
-:func:`seal_diffusion.dispute.dispute`. The adaptive forger (fitted C̃_p from C̃ + 10 %, pushed apart) passes R2; a
+:func:`seal_diffusion.ownership.dispute.dispute`. The adaptive forger (fitted C̃_p from C̃ + 10 %, pushed apart) passes R2; a
 stolen, re-expressed copy of the owner's key passes every check — only the timestamps separate it from the owner.
 """
 
@@ -14,13 +14,13 @@ import pytest
 import torch
 from tsa_helpers import LocalTSA
 
-from seal_diffusion.attacks import quantize
-from seal_diffusion.dispute import ClaimInput, dispute
-from seal_diffusion.forgery import forge, public_modules
-from seal_diffusion.keyfile import ModuleKey, SealKey
-from seal_diffusion.lora_file import read_lora
-from seal_diffusion.passport import pair_problem
-from seal_diffusion.timestamp import write_request
+from seal_diffusion.attacks.file_attacks import quantize
+from seal_diffusion.ownership.dispute import ClaimInput, dispute
+from seal_diffusion.ownership.forgery import forge, public_modules
+from seal_diffusion.core.keyfile import ModuleKey, SealKey
+from seal_diffusion.formats.lora_file import read_lora
+from seal_diffusion.core.passport import pair_problem
+from seal_diffusion.ownership.timestamp import write_request
 
 PROMPT = "a photo of sks cat"
 FORGE_STEPS = 12  # the adaptive forger starts next to C̃, so a short fit already passes R2 (asserted below)

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from seal_diffusion import tiny
-from seal_diffusion.base_model import load_pipeline, resolve_base
+from seal_diffusion.models import tiny
+from seal_diffusion.models.base_model import load_pipeline, resolve_base
 from seal_diffusion.cli import main as cli_main
 from seal_diffusion.errors import UserError
-from seal_diffusion.network import find_target_modules
-from seal_diffusion.subject import load_prompts, subject_images
+from seal_diffusion.core.network import find_target_modules
+from seal_diffusion.models.subject import load_prompts, subject_images
 
 
 def _weights_digest(folder: Path) -> dict[str, str]:
@@ -168,7 +168,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def test_load_single_file_checkpoint_made_from_tiny(tiny_dir, tmp_path):
-    from seal_diffusion.checkpoint import save_single_file
+    from seal_diffusion.formats.checkpoint import save_single_file
 
     ref = load_pipeline("tiny")
     ckpt = save_single_file(ref, tmp_path / "tiny-sd15.safetensors")

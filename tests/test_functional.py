@@ -9,11 +9,11 @@ import shutil
 import pytest
 import torch
 
-from seal_diffusion import functional as F
-from seal_diffusion import probe_cache as PC
-from seal_diffusion import probes as P
-from seal_diffusion.keyfile import ModuleKey, SealKey
-from seal_diffusion.verify import sign_flip_neg_log10_p
+from seal_diffusion.detection import functional as F
+from seal_diffusion.detection import probe_cache as PC
+from seal_diffusion.detection import probes as P
+from seal_diffusion.core.keyfile import ModuleKey, SealKey
+from seal_diffusion.detection.verify import sign_flip_neg_log10_p
 
 N_PROBES = 4
 SIZE = 16  # probe latent side: half the tiny default's, 4× cheaper (the CLI's --probe-size)
@@ -22,7 +22,7 @@ SIZE = 16  # probe latent side: half the tiny default's, 4× cheaper (the CLI's 
 @pytest.fixture(scope="module")
 def fx(owner_training, tmp_path_factory):
     """The owner's key copied to a private folder (its cache lands there), the release, and the probes/directions."""
-    from seal_diffusion.base_model import load_pipeline
+    from seal_diffusion.models.base_model import load_pipeline
 
     d = tmp_path_factory.mktemp("functional")
     key_path = shutil.copy(owner_training["key_path"], d / "cat.sealkey")
@@ -127,7 +127,7 @@ def test_distilled_copy_escapes_the_weight_test_but_not_the_function_test(fx, tm
     """``attack distill`` (short: small latents, 150 steps) then ``verify --functional`` from the CLI, twice: the
     second run reads the private cache."""
     from seal_diffusion.cli import main
-    from seal_diffusion.distill import distill_lora
+    from seal_diffusion.attacks.distill import distill_lora
 
     res = distill_lora(fx["lora"], tmp_path / "copy.safetensors", steps=150, rank=4, batch=2, latent_size=16,
                        fidelity_inputs=8)
@@ -198,7 +198,7 @@ def test_robustness_distillation_rows(fx, tmp_path):
     """The robustness report's distillation block: fidelity kept and both tests per row (a tiny 5-step copy)."""
     from seal_diffusion.cli.commands_attack import _distill_specs
     from seal_diffusion.progress import Ticker as _Ticker
-    from seal_diffusion.robustness import _distillation, plan_for
+    from seal_diffusion.reports.robustness import _distillation, plan_for
 
     assert plan_for(False).distill and not plan_for(True).distill
     assert _distill_specs(["4:400", "8:100"]) == [(4, 400), (8, 100)]

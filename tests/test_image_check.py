@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from seal_diffusion.render import generate
+from seal_diffusion.evaluation.render import generate
 from seal_diffusion.errors import UserError
-from seal_diffusion.image_challenge import DEFAULT_N, DEFAULT_STEPS, Challenge, challenge_prompts, make_challenge
-from seal_diffusion.image_check import create_challenge, reference_path, verify_images
-from seal_diffusion.image_sampler import use_scheduler
-from seal_diffusion.verify import sign_flip_neg_log10_p
+from seal_diffusion.detection.image_challenge import DEFAULT_N, DEFAULT_STEPS, Challenge, challenge_prompts, make_challenge
+from seal_diffusion.detection.image_check import create_challenge, reference_path, verify_images
+from seal_diffusion.detection.image_sampler import use_scheduler
+from seal_diffusion.detection.verify import sign_flip_neg_log10_p
 from small_owner import fixed_scrypt_salt
 
 SEEDS = [int(x) for x in np.random.default_rng(22).integers(0, 2 ** 31, DEFAULT_N)]  # seeded challenges
@@ -113,12 +113,12 @@ def test_innocents_not_accused(setup, subject_dir):
 
 def test_distilled_copy_detected(setup):
     """A thief's copy: a fresh plain LoRA trained to match the release's noise predictions on random inputs."""
-    from seal_diffusion.base_model import load_pipeline
-    from seal_diffusion.network import network_from_key
-    from seal_diffusion.fold import fold
-    from seal_diffusion.keyfile import SealKey
-    from seal_diffusion.lora_file import write_lora
-    from seal_diffusion.network import SealNetwork
+    from seal_diffusion.models.base_model import load_pipeline
+    from seal_diffusion.core.network import network_from_key
+    from seal_diffusion.core.fold import fold
+    from seal_diffusion.core.keyfile import SealKey
+    from seal_diffusion.formats.lora_file import write_lora
+    from seal_diffusion.core.network import SealNetwork
 
     torch.manual_seed(0)
     teacher = setup["pipe"]
@@ -220,7 +220,7 @@ def test_defaults_detect_the_release_on_other_subjects(setup, photo, tmp_path):
     """Two subjects that are not the bundled cat (scikit-image photos, 8 crops each), trained like the cat: the
     challenge with the shipped defaults detects each release (self-test = the owner's own render, which equals a
     diffusers service's to 1/255 as the cat test checks) and does not accuse that subject's plain LoRA."""
-    from seal_diffusion.subject import PHOTO_SUBJECTS, write_photo_subject
+    from seal_diffusion.models.subject import PHOTO_SUBJECTS, write_photo_subject
 
     data = write_photo_subject(tmp_path / "data", photo)
     prompt = PHOTO_SUBJECTS[photo]
@@ -238,7 +238,7 @@ def test_defaults_detect_the_release_on_other_subjects(setup, photo, tmp_path):
 def test_challenge_prompts_are_private_per_challenge_and_ordinary(owner_training):
     """Prompts come from the owner's secret and the challenge's seeds: reproducible by the owner, different for another
     challenge or another key, mostly about the subject, and not a fixed list a service could match."""
-    from seal_diffusion.keyfile import SealKey
+    from seal_diffusion.core.keyfile import SealKey
 
     key = SealKey.load(owner_training["key_path"])
     seeds = list(range(100, 132))

@@ -3,7 +3,8 @@
 The import graph is built with ``ast`` from every module of ``seal_diffusion`` and ``ui``, counting imports inside
 functions too (a circle hidden in a function body is still a circle); a strongly connected component of more than
 one module is a circle. "Upward" is measured against the tree in the README's *Development* section, which lists the
-modules in the order data flows through them: a module may import only modules listed above it.
+subpackages bottom to top and the modules of each in the order data flows through them: a module may import only
+modules listed above it, and a subpackage only the subpackages listed above it.
 """
 
 import ast
@@ -16,10 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("seal_diffusion", "ui")
 HEAVY = ("accelerate", "diffusers", "gradio", "matplotlib", "transformers")
 # (importer, imported): why it may point down the README tree. Keep this short; each entry is a debt.
-DOWNWARD_OK = {
-    ("seal_diffusion.training", "seal_diffusion.attacks"): "loop.py starts --init_lora from attacks.init_from_lora, "
-    "which belongs beside lora_file.py",
-}
+DOWNWARD_OK: dict[tuple[str, str], str] = {}
 
 
 def _modules() -> dict[str, Path]:
@@ -126,7 +124,7 @@ sys.meta_path.insert(0, Watch())
 import seal_diffusion.cli
 seal_diffusion.cli.build_parser()
 print("heavy:", sorted(m for m in HEAVY + ("torch",) if m in sys.modules))
-import seal_diffusion.verify  # what the verify handler imports when it runs
+import seal_diffusion.detection.verify  # what the verify handler imports when it runs
 """
 
 
@@ -182,8 +180,8 @@ def test_verify_of_a_lora_file_loads_torch_safetensors_numpy_only(tmp_path):
     The verdict is checked too: the owner's own export must be detected."""
     import torch
 
-    from seal_diffusion.export import export_lora
-    from seal_diffusion.keyfile import ModuleKey, SealKey
+    from seal_diffusion.core.export import export_lora
+    from seal_diffusion.core.keyfile import ModuleKey, SealKey
 
     g = torch.Generator().manual_seed(0)
     rank, width = 4, 32
@@ -214,7 +212,9 @@ def test_progress_bars_are_switched_off_when_diffusers_loads_after_the_command_s
 
 
 def readme_order() -> list[str]:
-    """The modules of the README's layout tree, top to bottom (a folder entry stands for its package)."""
+    """The entries of the README's layout tree, top to bottom: a sub-package header line (``seal_diffusion/core/``)
+    stands for the package and heads the modules indented under it; a top-level header (``seal_diffusion/``, ``ui/``)
+    only heads its modules; an indented ``name/`` entry stands for a whole sub-package."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     tree = text[text.index("## Development"):]
     tree = tree[tree.index("```") + 3:]
@@ -225,13 +225,42 @@ def readme_order() -> list[str]:
             continue
         first = line.split()[0]
         if not line.startswith(" "):
-            if first.rstrip("/").count("/"):  # a sub-package on its own line, e.g. seal_diffusion/cli/
-                order.append(first.rstrip("/").replace("/", "."))
-            else:
-                package = first.rstrip("/")
+            package = first.rstrip("/").replace("/", ".")
+            if "." in package:  # a sub-package on its own line, e.g. seal_diffusion/cli/
+                order.append(package)
             continue
         order.append(f"{package}.{first.removesuffix('.py').rstrip('/')}")
     return order
+
+
+def subpackages() -> list[str]:
+    """The sub-packages of ``seal_diffusion``, in the README tree's order (bottom floor first)."""
+    return [e for e in readme_order() if e.count(".") == 1 and e.startswith("seal_diffusion.")
+            and (ROOT / e.replace(".", "/") / "__init__.py").exists()]
+
+
+def test_every_subpackage_is_listed_and_says_what_it_may_import():
+    on_disk = sorted(p.parent.name for p in (ROOT / "seal_diffusion").glob("*/__init__.py"))
+    listed = subpackages()
+    assert sorted(s.split(".")[1] for s in listed) == on_disk
+    for sub in listed:
+        doc = ast.get_docstring(ast.parse((ROOT / sub.replace(".", "/") / "__init__.py").read_text(encoding="utf-8")))
+        assert doc and "import" in doc, f"{sub}/__init__.py: say what lives here and what it may import"
+
+
+def test_subpackages_import_only_downward():
+    """A module of one sub-package imports only from sub-packages listed above it (or the top-level helpers)."""
+    floors = {s: i for i, s in enumerate(subpackages())}
+
+    def floor(module: str) -> str | None:
+        parts = module.split(".")
+        return ".".join(parts[:2]) if len(parts) > 1 and ".".join(parts[:2]) in floors else None
+
+    upward = sorted({(floor(a), floor(b)) for a, targets in import_graph().items() for b in targets
+                     if floor(a) and floor(b) and floors[floor(b)] > floors[floor(a)]})
+    assert upward == []
+    tops = [m for m in _modules() if m.count(".") == 1 and m.startswith("seal_diffusion.") and floor(m) is None]
+    assert len(tops) <= 10, f"seal_diffusion/ should keep at most ~10 top-level modules: {sorted(tops)}"
 
 
 def test_nothing_imports_upward():

@@ -15,13 +15,13 @@ import torch
 from small_owner import small_owner
 
 from seal_diffusion.cli import main as cli_main
-from seal_diffusion.export import export_lora, public_factors
-from seal_diffusion.keyfile import SealKey, check_commitment
-from seal_diffusion.lora_file import read_lora
-from seal_diffusion.network import SealNetwork, find_target_modules
-from seal_diffusion.passport import make_passports
-from seal_diffusion.scan import holm, scan
-from seal_diffusion.verify import load_suspect, verify, verify_path
+from seal_diffusion.core.export import export_lora, public_factors
+from seal_diffusion.core.keyfile import SealKey, check_commitment
+from seal_diffusion.formats.lora_file import read_lora
+from seal_diffusion.core.network import SealNetwork, find_target_modules
+from seal_diffusion.core.passport import make_passports
+from seal_diffusion.detection.scan import holm, scan
+from seal_diffusion.detection.verify import load_suspect, verify, verify_path
 
 RANK = 4
 FLOOR = 47 * math.log10(2)  # 14.15: every one of the tiny default's 48 modules on the right side, two-sided (2^-47)
@@ -36,7 +36,7 @@ def owner(tmp_path_factory):
 
 def _ldm_of(unet) -> dict[str, str]:
     """diffusers module path → LDM path, through the full-checkpoint converter (independent of lora_names)."""
-    from seal_diffusion.checkpoint import UNET_PREFIX, unet_to_ldm
+    from seal_diffusion.formats.checkpoint import UNET_PREFIX, unet_to_ldm
 
     sd = unet.state_dict()
     out = {}
@@ -122,7 +122,7 @@ def test_every_renamed_export_is_detected_at_the_floor(owner, tmp_path):
 
 def test_diffusers_loads_processor_keys_as_the_original(owner, tmp_path):
     """The attack is real: diffusers' own loader gives the same UNet output for the old attention-processor keys."""
-    from seal_diffusion.base_model import load_pipeline
+    from seal_diffusion.models.base_model import load_pipeline
 
     path = _save(_renamed(owner, "processor"), tmp_path / "processor.safetensors")
     g = torch.Generator().manual_seed(0)
@@ -142,7 +142,7 @@ def test_ldm_names_agree_with_diffusers_sgm_conversion(owner):
     """diffusers' SGM→diffusers LoRA renaming (used for SDXL files) maps our LDM kohya stems back to the modules."""
     from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
 
-    from seal_diffusion.lora_names import kohya_stem, ldm_names
+    from seal_diffusion.formats.lora_names import kohya_stem, ldm_names
 
     modules = list(owner["key"].modules)
     for config in (None, owner["unet"].config):

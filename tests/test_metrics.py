@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from seal_diffusion import metrics
+from seal_diffusion.evaluation import metrics
 from seal_diffusion.errors import UserError
 
 
@@ -79,7 +79,7 @@ def tiny_clip(tmp_path_factory):
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from seal_diffusion.tiny import tiny_tokenizer
+    from seal_diffusion.models.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
     common = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)

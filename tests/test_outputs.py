@@ -14,12 +14,12 @@ import pytest
 from PIL import Image
 from safetensors.torch import save as st_save
 
-from seal_diffusion import attacks
+from seal_diffusion.attacks import file_attacks as attacks
 from seal_diffusion.cli import main as cli_main
 from seal_diffusion.errors import UserError
 from seal_diffusion.fileio import load_safetensors, public_mode
-from seal_diffusion.finetune import finetune_lora
-from seal_diffusion.lora_file import read_lora
+from seal_diffusion.attacks.finetune import finetune_lora
+from seal_diffusion.formats.lora_file import read_lora
 from seal_diffusion.training import main as train_main
 from seal_diffusion.training import parse_args
 from seal_diffusion.training.data import ImageSet
@@ -241,8 +241,8 @@ def test_kohya_implementation_field_follows_the_family_as_kohya_writes_it(tmp_pa
     """kohya's sai_model_spec: SDXL LoRAs name Stability AI's generative-models, SD 1.x LoRAs "diffusers"."""
     import torch
 
-    from seal_diffusion.lora_file import write_lora
-    from seal_diffusion.lora_names import SD_V1, SDXL
+    from seal_diffusion.formats.lora_file import write_lora
+    from seal_diffusion.formats.lora_names import SD_V1, SDXL
 
     factors = {"down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": (torch.ones(2, 8), torch.ones(8, 2))}
     found = {arch: read_lora(write_lora(factors, tmp_path / f"{arch}.safetensors", "kohya", architecture=arch))
@@ -254,7 +254,7 @@ def test_kohya_implementation_field_follows_the_family_as_kohya_writes_it(tmp_pa
     ("a photo of sks cat", None, "sks"), ("sks dog", None, "sks"), ("a painting in ohwx style", None, "ohwx"),
     ("a photo of zwx person", "a photo of person", "zwx"), ("portrait of tok, oil", "portrait of oil", "tok")])
 def test_trigger_word_of_a_dreambooth_prompt(prompt, class_prompt, word):
-    from seal_diffusion.kohya_meta import training_metadata, trigger_word
+    from seal_diffusion.formats.kohya_meta import training_metadata, trigger_word
 
     assert trigger_word(prompt, class_prompt) == word
     prompts = {"instance": (prompt, 3), **({"class": (class_prompt, 5)} if class_prompt else {})}

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from seal_diffusion.keyfile import SealKey
+from seal_diffusion.core.keyfile import SealKey
 from seal_diffusion.cli.commands_attack import add_robustness_command
-from seal_diffusion.robustness import plan_for, run_robustness
-from seal_diffusion.robustness_measures import (
+from seal_diffusion.reports.robustness import plan_for, run_robustness
+from seal_diffusion.reports.robustness_measures import (
     _KeyGeometry,
     clopper_pearson_upper,
     relative_change,
@@ -122,9 +122,9 @@ def test_factor_algebra_matches_dense(owner_run):
 def test_weighted_statistic_is_swap_symmetric(owner_run):
     """Swapping C and C_p in every module flips every d_m and leaves the weights: the weighted p of the swapped key
     is the p of −Σ w d, i.e. the weights do not depend on which passport was released."""
-    from seal_diffusion.keyfile import ModuleKey
-    from seal_diffusion.lora_file import read_lora
-    from seal_diffusion.verify import Suspect, verify
+    from seal_diffusion.core.keyfile import ModuleKey
+    from seal_diffusion.formats.lora_file import read_lora
+    from seal_diffusion.detection.verify import Suspect, verify
 
     key = SealKey.load(owner_run["key"])
     swapped = SealKey({n: ModuleKey(mk.lora_A, mk.lora_B, mk.passport_p, mk.passport) for n, mk in key.modules.items()},

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from seal_diffusion.base_model import is_sdxl, load_pipeline, pipeline_class, resolve_base
-from seal_diffusion.network import find_target_modules
-from seal_diffusion.tiny import build_sdxl_unet, build_tiny_xl_components, write_tiny_model
+from seal_diffusion.models.base_model import is_sdxl, load_pipeline, pipeline_class, resolve_base
+from seal_diffusion.core.network import find_target_modules
+from seal_diffusion.models.tiny import build_sdxl_unet, build_tiny_xl_components, write_tiny_model
 
 
 def test_tiny_xl_has_sdxl_module_names_and_conditioning(tmp_path):
@@ -49,7 +49,7 @@ def test_family_detection(tmp_path):
 
 
 def test_conditioning_matches_generation_for_both_families():
-    from seal_diffusion.conditioning import encode_text
+    from seal_diffusion.models.conditioning import encode_text
 
     sd = load_pipeline("tiny")
     cond = encode_text(sd, "a photo of sks cat")
@@ -79,9 +79,9 @@ def test_sdxl_dreambooth_run_exports_and_verifies(tmp_path, subject_dir):
     """Train SEAL on tiny-xl (prior preservation, SDXL conditioning), export, reload in the SDXL pipeline, verify."""
     from diffusers import StableDiffusionXLPipeline
 
-    from seal_diffusion.keyfile import SealKey
+    from seal_diffusion.core.keyfile import SealKey
     from seal_diffusion.training import parse_args, train
-    from seal_diffusion.verify import verify_path
+    from seal_diffusion.detection.verify import verify_path
 
     out = tmp_path / "run"
     args = parse_args(["--pretrained_model_name_or_path", "tiny-xl", "--instance_data_dir", str(subject_dir),
@@ -103,14 +103,14 @@ def test_sdxl_dreambooth_run_exports_and_verifies(tmp_path, subject_dir):
     pipe = result["pipeline"]
     g = torch.Generator().manual_seed(3)
     latents = torch.randn(1, 4, 32, 32, generator=g)
-    from seal_diffusion.conditioning import encode_text
+    from seal_diffusion.models.conditioning import encode_text
 
     cond = encode_text(pipe, "a photo of sks cat")
     t = torch.tensor([500])
     with torch.no_grad(), net.passport("C"):
         want = pipe.unet(latents, t, **cond.unet_kwargs()).sample
     net.remove()
-    from seal_diffusion.tiny import tiny_model_dir
+    from seal_diffusion.models.tiny import tiny_model_dir
 
     fresh = StableDiffusionXLPipeline.from_pretrained(tiny_model_dir(xl=True), local_files_only=True)
     fresh.load_lora_weights(str(out))
@@ -141,7 +141,7 @@ def test_sdxl_kohya_names_match_diffusers_conversion_on_full_size_unet():
     from diffusers.loaders.lora_conversion_utils import (_convert_non_diffusers_lora_to_diffusers,
                                                          _maybe_map_sgm_blocks_to_diffusers)
 
-    from seal_diffusion.lora_file import lora_tensors
+    from seal_diffusion.formats.lora_file import lora_tensors
 
     modules = find_target_modules(build_sdxl_unet())
     factors = {m: (torch.full((1, 1), float(i)), torch.ones(1, 1)) for i, m in enumerate(modules)}
@@ -160,12 +160,12 @@ def test_sdxl_kohya_names_match_diffusers_conversion_on_full_size_unet():
 
 def test_merged_sdxl_checkpoint_is_written_as_sgm_and_detected(tmp_path):
     """attack merge into tiny-xl → one SGM-layout .safetensors; verify MERGED --base tiny-xl finds the passport."""
-    from seal_diffusion import attacks
+    from seal_diffusion.attacks import file_attacks as attacks
     from seal_diffusion.cli import main as cli_main
-    from seal_diffusion.export import export_lora
+    from seal_diffusion.core.export import export_lora
     from seal_diffusion.fileio import safe_open_keys
-    from seal_diffusion.keyfile import ModuleKey, SealKey
-    from seal_diffusion.passport import make_passports
+    from seal_diffusion.core.keyfile import ModuleKey, SealKey
+    from seal_diffusion.core.passport import make_passports
 
     modules = find_target_modules(load_pipeline("tiny-xl").unet)
     passports = make_passports(list(modules), 4, "merged sdxl")
@@ -191,12 +191,12 @@ def test_plain_lora_on_tiny_xl_loads_in_the_sdxl_pipeline_and_is_not_detected(tm
     same way; verified against an SDXL key it is not detected (it carries no passport)."""
     from diffusers import StableDiffusionXLPipeline
 
-    from seal_diffusion.conditioning import encode_text
-    from seal_diffusion.keyfile import ModuleKey, SealKey
-    from seal_diffusion.passport import make_passports
-    from seal_diffusion.tiny import tiny_model_dir
+    from seal_diffusion.models.conditioning import encode_text
+    from seal_diffusion.core.keyfile import ModuleKey, SealKey
+    from seal_diffusion.core.passport import make_passports
+    from seal_diffusion.models.tiny import tiny_model_dir
     from seal_diffusion.training import parse_args, train
-    from seal_diffusion.verify import verify_path
+    from seal_diffusion.detection.verify import verify_path
 
     out = tmp_path / "run"
     result = train(parse_args(["--pretrained_model_name_or_path", "tiny-xl", "--instance_data_dir", str(subject_dir),
@@ -233,8 +233,8 @@ def test_image_check_sampler_matches_the_pipeline_for_both_families(base):
     """The image check's differentiable sampler renders a challenge exactly as the base's own pipeline does — for
     SDXL (StableDiffusionXLPipeline): both encoders, pooled text_embeds, time ids (H, W, 0, 0, H, W), CFG rows, DDIM,
     VAE decoding — here at a non-square size, so a swapped height/width in the time ids or the latents would show."""
-    from seal_diffusion.image_challenge import Challenge
-    from seal_diffusion.image_sampler import sample, use_scheduler
+    from seal_diffusion.detection.image_challenge import Challenge
+    from seal_diffusion.detection.image_sampler import sample, use_scheduler
 
     pipe = load_pipeline(base)
     assert is_sdxl(pipe) == (base == "tiny-xl")
@@ -257,14 +257,14 @@ def test_image_check_cli_round_trip_on_tiny_xl(tmp_path, monkeypatch):
     The key is random (small factors, no training): enough for the test's power (−log10 p ≈ 14 with 6 images)."""
     from PIL import Image
 
-    from seal_diffusion import image_challenge
+    from seal_diffusion.detection import image_challenge
     from seal_diffusion.cli import main
-    from seal_diffusion.export import export_lora
-    from seal_diffusion.image_challenge import Challenge
-    from seal_diffusion.image_sampler import use_scheduler
-    from seal_diffusion.keyfile import ModuleKey, SealKey
-    from seal_diffusion.passport import make_passports
-    from seal_diffusion.render import generate
+    from seal_diffusion.core.export import export_lora
+    from seal_diffusion.detection.image_challenge import Challenge
+    from seal_diffusion.detection.image_sampler import use_scheduler
+    from seal_diffusion.core.keyfile import ModuleKey, SealKey
+    from seal_diffusion.core.passport import make_passports
+    from seal_diffusion.evaluation.render import generate
 
     pipe = load_pipeline("tiny-xl")
     modules = find_target_modules(pipe.unet)
@@ -307,7 +307,7 @@ def test_image_check_cli_round_trip_on_tiny_xl(tmp_path, monkeypatch):
 
 def test_function_test_loads_the_family_s_own_unet():
     """The function-level test's warm-cache path loads the UNet alone: tiny-xl must give the SDXL one, not tiny's."""
-    from seal_diffusion.probe_cache import load_unet
+    from seal_diffusion.detection.probe_cache import load_unet
 
     assert load_unet("tiny-xl").config.addition_embed_type == "text_time"
     assert load_unet("tiny").config.addition_embed_type is None

@@ -8,15 +8,15 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from seal_diffusion import tiny
+from seal_diffusion.models import tiny
 from seal_diffusion.cli import main as cli_main
 from seal_diffusion.errors import UserError
-from seal_diffusion.export import export_lora, public_factors
-from seal_diffusion.fold import fold
-from seal_diffusion.keyfile import SealKey
-from seal_diffusion.lora_file import read_lora
-from seal_diffusion.network import SealNetwork, find_target_modules
-from seal_diffusion.passport import correlation, make_passports, pair_problem
+from seal_diffusion.core.export import export_lora, public_factors
+from seal_diffusion.core.fold import fold
+from seal_diffusion.core.keyfile import SealKey
+from seal_diffusion.formats.lora_file import read_lora
+from seal_diffusion.core.network import SealNetwork, find_target_modules
+from seal_diffusion.core.passport import correlation, make_passports, pair_problem
 
 RANK = 4
 
@@ -205,7 +205,7 @@ def test_fold_is_exact():
 
 @pytest.mark.parametrize("layout", ["diffusers", "kohya"])
 def test_exported_lora_matches_patched_unet_in_diffusers(trained, tmp_path, layout):
-    from seal_diffusion.base_model import load_pipeline
+    from seal_diffusion.models.base_model import load_pipeline
 
     pipe, net = trained
     inputs = _inputs()

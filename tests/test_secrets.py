@@ -8,10 +8,10 @@
 
 import torch
 
-from seal_diffusion.fold import split_passport
-from seal_diffusion.keyfile import SealKey
-from seal_diffusion.lora_file import read_lora
-from seal_diffusion.passport import (correlation, derive_secret, init_generator, make_passports, parse_kdf_record,
+from seal_diffusion.core.fold import split_passport
+from seal_diffusion.core.keyfile import SealKey
+from seal_diffusion.formats.lora_file import read_lora
+from seal_diffusion.core.passport import (correlation, derive_secret, init_generator, make_passports, parse_kdf_record,
                                      passphrase_warning)
 
 PASSPHRASE = "claim test"  # conftest's owner_training
@@ -70,7 +70,7 @@ def _residual(public, init) -> float:
 
 
 def _inits(unet, generator=None, seed=None) -> dict:
-    from seal_diffusion.network import SealNetwork
+    from seal_diffusion.core.network import SealNetwork
     from seal_diffusion.training.data import derived_seed
 
     if seed is not None:  # what the trainer did before: the global RNG seeded from --seed

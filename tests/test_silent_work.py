@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from seal_diffusion import distill
+from seal_diffusion.attacks import distill
 from seal_diffusion.cli import main as cli_main
 from small_owner import small_owner
 

@@ -15,16 +15,16 @@ import pytest
 import torch
 import torch.nn.functional as TF
 
-from seal_diffusion import functional as F
-from seal_diffusion import probe_cache as PC
+from seal_diffusion.detection import functional as F
+from seal_diffusion.detection import probe_cache as PC
 from seal_diffusion.cli import main as cli_main
-from seal_diffusion.keyfile import ModuleKey, SealKey
-from seal_diffusion.lora_file import read_lora
-from seal_diffusion.passport import make_passports
-from seal_diffusion.probes import suspect_outputs
-from seal_diffusion.scan import scan
-from seal_diffusion.suspect_weights import merge_suspect_into, restore
-from seal_diffusion.verify import combine_suspects, load_suspect, prepare, verify, verify_path
+from seal_diffusion.core.keyfile import ModuleKey, SealKey
+from seal_diffusion.formats.lora_file import read_lora
+from seal_diffusion.core.passport import make_passports
+from seal_diffusion.detection.probes import suspect_outputs
+from seal_diffusion.detection.scan import scan
+from seal_diffusion.formats.suspect_weights import merge_suspect_into, restore
+from seal_diffusion.detection.verify import combine_suspects, load_suspect, prepare, verify, verify_path
 
 N_PROBES, SIZE = 4, 16
 FLOOR = 47 * math.log10(2)  # two-sided floor of the tiny default's 48 modules
@@ -33,7 +33,7 @@ LAYOUTS = ("kohya", "lycoris-full+1-plain", "lycoris-full", "loha", "lokr", "loc
 
 
 def _ldm_of(unet) -> dict[str, str]:
-    from seal_diffusion.checkpoint import UNET_PREFIX, unet_to_ldm
+    from seal_diffusion.formats.checkpoint import UNET_PREFIX, unet_to_ldm
 
     sd = unet.state_dict()
     out = {}
@@ -97,7 +97,7 @@ def resave(factors: dict, layout: str, unet, path) -> str:
 @pytest.fixture(scope="module")
 def fx(owner_training, tmp_path_factory):
     """The owner's key (private folder, its cache), the release, a distilled copy (short run) and the UNet."""
-    from seal_diffusion.base_model import load_pipeline
+    from seal_diffusion.models.base_model import load_pipeline
 
     d = tmp_path_factory.mktemp("reader")
     key_path = shutil.copy(owner_training["key_path"], d / "cat.sealkey")
@@ -111,7 +111,7 @@ def fx(owner_training, tmp_path_factory):
 @pytest.fixture(scope="module")
 def copy(fx):
     """A distilled copy of the release (short run: 150 steps on 16×16 latents)."""
-    from seal_diffusion.distill import distill_lora
+    from seal_diffusion.attacks.distill import distill_lora
 
     res = distill_lora(fx["release"], fx["dir"] / "copy.safetensors", steps=150, rank=4, batch=2, latent_size=16,
                        fidelity_inputs=8)
@@ -314,8 +314,8 @@ def test_fitted_strengths_are_coin_blind_and_decoys_are_not_accused(fx, tmp_path
 
 def _xl_key():
     """A key on tiny-xl's attention modules (random factors and passports): enough for SDXL-shaped files."""
-    from seal_diffusion.base_model import load_pipeline
-    from seal_diffusion.network import find_target_modules
+    from seal_diffusion.models.base_model import load_pipeline
+    from seal_diffusion.core.network import find_target_modules
 
     unet = load_pipeline("tiny-xl").unet
     g = torch.Generator().manual_seed(5)
@@ -332,7 +332,7 @@ def _xl_key():
 def test_mixed_model_families(fx, tmp_path, capsys):
     """verify over SD 1.5 + SDXL files: one line, exit 2; scan with an SD 1.5 and an SDXL key over a mixed folder:
     other-family pairs are "not applicable" and the exit code comes from the pairs that apply."""
-    from seal_diffusion.export import export_lora
+    from seal_diffusion.core.export import export_lora
 
     xl = _xl_key()
     xl_path = xl.save(tmp_path / "xl.sealkey")
@@ -376,7 +376,7 @@ def test_function_test_two_sided_and_sign_choice_are_exact_over_80_coin_flips(fx
     """Coin flips of the owner's directions are exactly suspects that do not know the coins (d → E·d). The
     two-sided p of the negated release (tested at the sign the f_mid criterion picks) and of an innocent LoRA over
     80 flips: false positives at the rates the p-value promises."""
-    from seal_diffusion.verify import two_sided_neg_log10_p
+    from seal_diffusion.detection.verify import two_sided_neg_log10_p
 
     cache = fx["cache"]
     neg = resave(_factors(fx, fx["release"]), "negated", fx["pipe"].unet, tmp_path / "neg.safetensors")

@@ -13,17 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from seal_diffusion import passport
-from seal_diffusion.base_model import load_pipeline
+from seal_diffusion.core import passport
+from seal_diffusion.models.base_model import load_pipeline
 from seal_diffusion.errors import UserError
 from seal_diffusion.fileio import load_safetensors
-from seal_diffusion.keyfile import SealKey
-from seal_diffusion.lora_file import read_lora
-from seal_diffusion.network import SealNetwork, find_target_modules, target_modules, text_encoders_of
-from seal_diffusion.passport import pair_problem
-from seal_diffusion.scan import scan
+from seal_diffusion.core.keyfile import SealKey
+from seal_diffusion.formats.lora_file import read_lora
+from seal_diffusion.core.network import SealNetwork, find_target_modules, target_modules, text_encoders_of
+from seal_diffusion.core.passport import pair_problem
+from seal_diffusion.detection.scan import scan
 from seal_diffusion.training import main, parse_args, train
-from seal_diffusion.verify import lora_suspect, verify, verify_path
+from seal_diffusion.detection.verify import lora_suspect, verify, verify_path
 
 PROMPT = "a photo of sks cat"
 SECRET = "quokka marmalade typewriter lantern"
@@ -275,7 +275,7 @@ def test_plain_lora_with_the_text_encoder(subject_dir, tmp_path, tiny_dir):
 def test_sdxl_both_encoders(subject_dir, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    from seal_diffusion.tiny import tiny_model_dir
+    from seal_diffusion.models.tiny import tiny_model_dir
 
     out = tmp_path / "xl"
     result = train(parse_args(["--pretrained_model_name_or_path", "tiny-xl", *_args(subject_dir, out,
@@ -306,8 +306,8 @@ def test_sdxl_both_encoders(subject_dir, tmp_path):
 
 
 def test_function_and_image_tests_skip_text_encoder_modules(te_run, tiny_dir):
-    from seal_diffusion.image_sampler import PassportLine
-    from seal_diffusion.probes import owner_network
+    from seal_diffusion.detection.image_sampler import PassportLine
+    from seal_diffusion.detection.probes import owner_network
 
     key, pipe = te_run["key"], load_pipeline("tiny")
     net = owner_network(pipe.unet, key)
@@ -319,7 +319,7 @@ def test_function_and_image_tests_skip_text_encoder_modules(te_run, tiny_dir):
 
 
 def test_compare_patches_the_text_encoder_and_matches_the_export(te_run, tiny_dir):
-    from seal_diffusion.compare import render_variants
+    from seal_diffusion.reports.compare import render_variants
 
     key, pipe = te_run["key"], load_pipeline("tiny")
     gen = dict(steps=2, guidance_scale=1.0, height=64, width=64)

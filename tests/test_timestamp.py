@@ -9,8 +9,8 @@ from tsa_helpers import LocalTSA
 
 from seal_diffusion.cli import main
 from seal_diffusion.errors import UserError
-from seal_diffusion.keyfile import ModuleKey, SealKey
-from seal_diffusion.timestamp import StampError, check_reply, stamp_key, write_request
+from seal_diffusion.core.keyfile import ModuleKey, SealKey
+from seal_diffusion.ownership.timestamp import StampError, check_reply, stamp_key, write_request
 
 
 @pytest.fixture(scope="module")

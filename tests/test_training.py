@@ -16,9 +16,9 @@ from PIL import Image
 from seal_diffusion import fileio
 from seal_diffusion.errors import UserError
 from seal_diffusion.fileio import load_safetensors
-from seal_diffusion.keyfile import SealKey
-from seal_diffusion.lora_file import read_lora
-from seal_diffusion.evaluation import heldout_batch, heldout_denoising_loss, training_noise_scheduler
+from seal_diffusion.core.keyfile import SealKey
+from seal_diffusion.formats.lora_file import read_lora
+from seal_diffusion.evaluation.heldout import heldout_batch, heldout_denoising_loss, training_noise_scheduler
 from seal_diffusion.training import main, parse_args, train
 from small_owner import fixed_scrypt_salt
 

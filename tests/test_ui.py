@@ -77,7 +77,7 @@ def client(server, sandbox):
 @pytest.fixture(scope="module")
 def logo(sandbox):
     """A bold black-and-white 'logo' for an image passport: valid (non-singular) once shrunk to RANK × RANK."""
-    from seal_diffusion.passport import load_passport_frames, passport_problem
+    from seal_diffusion.core.passport import load_passport_frames, passport_problem
 
     rng = np.random.default_rng(3)
     path = sandbox / "logo.png"
@@ -113,8 +113,8 @@ def test_named_endpoints(client):
 
 
 def test_train_outputs(trained):
-    from seal_diffusion.keyfile import SealKey
-    from seal_diffusion.lora_file import read_lora
+    from seal_diffusion.core.keyfile import SealKey
+    from seal_diffusion.formats.lora_file import read_lora
 
     assert "Done" in trained["summary"] and "ui_lora.sealkey" in trained["summary"]
     assert trained["kohya"].name == "ui_lora.safetensors"
@@ -135,8 +135,8 @@ def test_train_outputs(trained):
 def test_verify_copies_and_innocent(client, trained, sandbox):
     import torch
 
-    from seal_diffusion.export import export_lora
-    from seal_diffusion.keyfile import ModuleKey, SealKey
+    from seal_diffusion.core.export import export_lora
+    from seal_diffusion.core.keyfile import ModuleKey, SealKey
 
     key = SealKey.load(trained["key"])
     g = np.random.default_rng(0)
@@ -171,8 +171,8 @@ def test_verify_copies_and_innocent(client, trained, sandbox):
 def test_export_matches_library(client, trained, layout, sandbox):
     from safetensors.torch import load_file
 
-    from seal_diffusion.export import export_lora
-    from seal_diffusion.keyfile import SealKey
+    from seal_diffusion.core.export import export_lora
+    from seal_diffusion.core.keyfile import SealKey
 
     path, md = client.predict(handle_file(str(trained["key"])), layout, "", api_name="/export")
     ref = export_lora(SealKey.load(trained["key"]), sandbox / f"ref-{layout}.safetensors", layout, "ui_lora")
@@ -276,7 +276,7 @@ def test_verify_files_used_together_and_commitment(client, trained, sandbox):
     import torch
     from safetensors.torch import save_file
 
-    from seal_diffusion.lora_file import read_lora
+    from seal_diffusion.formats.lora_file import read_lora
 
     g = torch.Generator().manual_seed(0)
     a_file, b_file = {}, {}
@@ -303,8 +303,8 @@ def test_timestamp_step_downloads_tsq_and_tsr(client, trained, sandbox):
     with the CA file and hands out .tsq and .tsr; without a CA file it says the reply is not checked yet."""
     from rfc3161_client._rust import parse_timestamp_request
 
-    from seal_diffusion.local_tsa import LocalTSA
-    from seal_diffusion.timestamp import check_reply
+    from seal_diffusion.ownership.local_tsa import LocalTSA
+    from seal_diffusion.ownership.timestamp import check_reply
 
     import hashlib
 

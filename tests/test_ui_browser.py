@@ -286,8 +286,8 @@ def _innocent_lora(key_path: Path, out: Path) -> Path:
     """A LoRA with the key's shapes but unrelated random factors (what someone else's LoRA looks like)."""
     import torch
 
-    from seal_diffusion.export import export_lora
-    from seal_diffusion.keyfile import ModuleKey, SealKey
+    from seal_diffusion.core.export import export_lora
+    from seal_diffusion.core.keyfile import ModuleKey, SealKey
 
     key = SealKey.load(key_path)
     g = torch.Generator().manual_seed(7)
@@ -300,7 +300,7 @@ def _innocent_lora(key_path: Path, out: Path) -> Path:
 def _issue23_checks(browser, root: Path, files: dict, lora: Path) -> None:
     s = "window.__seal"
     # -- the timestamp step (Train tab): .tsq handed out with the key, .tsr from a local TSA, checked with its CA
-    from seal_diffusion.local_tsa import LocalTSA
+    from seal_diffusion.ownership.local_tsa import LocalTSA
 
     browser.js(f"{s}.clickText('button[role=tab]', 'Watermark')")
     browser.wait(f"{s}.flat('#stamp-files').includes('browser_lora.tsq')", timeout=20, what="the .tsq download")

@@ -122,9 +122,9 @@ def test_compare_says_why_nothing_changed(tiny_dir, tmp_path):
     to think training failed; the app trains the tiny models with a learning rate that does change the pictures."""
     import torch
 
-    from seal_diffusion.base_model import load_pipeline
-    from seal_diffusion.keyfile import ModuleKey, SealKey
-    from seal_diffusion.network import SealNetwork
+    from seal_diffusion.models.base_model import load_pipeline
+    from seal_diffusion.core.keyfile import ModuleKey, SealKey
+    from seal_diffusion.core.network import SealNetwork
     from ui.handlers import TINY_LR, Handlers
     from ui.workspace import Workspace
 

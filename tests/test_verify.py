@@ -7,14 +7,14 @@ import pytest
 import torch
 from small_owner import small_owner
 
-from seal_diffusion import attacks
+from seal_diffusion.attacks import file_attacks as attacks
 from seal_diffusion.cli import main as cli_main
-from seal_diffusion.export import export_lora
-from seal_diffusion.keyfile import ModuleKey, SealKey
-from seal_diffusion.lora_file import LoraFile, read_lora
-from seal_diffusion.network import SealNetwork, find_target_modules
-from seal_diffusion.passport import make_passports
-from seal_diffusion.verify import Suspect, neg_log10_p, prepare, recover_passports, sign_flip_neg_log10_p, verify
+from seal_diffusion.core.export import export_lora
+from seal_diffusion.core.keyfile import ModuleKey, SealKey
+from seal_diffusion.formats.lora_file import LoraFile, read_lora
+from seal_diffusion.core.network import SealNetwork, find_target_modules
+from seal_diffusion.core.passport import make_passports
+from seal_diffusion.detection.verify import Suspect, neg_log10_p, prepare, recover_passports, sign_flip_neg_log10_p, verify
 
 RANK = 4
 
@@ -135,7 +135,7 @@ def test_pseudo_inverses_equal_numpy_pinv_for_every_kind_of_gram_matrix():
     """Cholesky inverse where provably equal to pinv; rank-deficient, zero and ill-conditioned ones fall back."""
     import numpy as np
 
-    from seal_diffusion.recovery import _pinv_sym
+    from seal_diffusion.detection.recovery import _pinv_sym
 
     g = torch.Generator().manual_seed(2)
     b = torch.randn(6, 40, 5, generator=g, dtype=torch.float64)
@@ -311,7 +311,7 @@ def test_merged_checkpoint_is_detected(owner, tmp_path, tiny_dir):
 
 def test_shared_image_passport_is_pooled_conservatively(tmp_path):
     """With one passport shared by all modules, z_m are dependent: pooling must not count them as independent."""
-    from seal_diffusion.verify import pool
+    from seal_diffusion.detection.verify import pool
 
     assert pool([3.0, 3.0, 3.0, 3.0], [b"a", b"a", b"a", b"a"]) == pytest.approx(3.0)
     assert pool([3.0, 3.0, 3.0, 3.0], [b"a", b"b", b"c", b"d"]) == pytest.approx(6.0)

@@ -1,4 +1,4 @@
-"""The tests' timestamp authority: the library's :class:`seal_diffusion.local_tsa.LocalTSA` plus what only tests need —
+"""The tests' timestamp authority: the library's :class:`seal_diffusion.ownership.local_tsa.LocalTSA` plus what only tests need —
 an unrelated CA (``other_ca``) and an expired certificate of the same TSA key (``expired.pem``, sign with
 ``reply(..., signer="expired.pem")``)."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from seal_diffusion.local_tsa import EC, LocalTSA as _LibraryTSA, _openssl
+from seal_diffusion.ownership.local_tsa import EC, LocalTSA as _LibraryTSA, _openssl
 
 
 class LocalTSA(_LibraryTSA):

@@ -29,7 +29,7 @@ import threading
 
 import gradio as gr
 
-from seal_diffusion.base_model import resolve_base
+from seal_diffusion.models.base_model import resolve_base
 from seal_diffusion.errors import UserError
 from ui.components import CSS as COMPONENTS_CSS
 from ui.layout import CSS, build_app

@@ -1,4 +1,4 @@
-"""The app's *Dispute* tab: who owns a suspect LoRA? A thin layer over :func:`seal_diffusion.dispute.dispute`.
+"""The app's *Dispute* tab: who owns a suspect LoRA? A thin layer over :func:`seal_diffusion.ownership.dispute.dispute`.
 
 Hooked into :func:`ui.layout.build_app` with one call (:func:`dispute_tab`) inside its ``gr.Tabs``; api_name ``/dispute``.
 Up to :data:`MAX_CLAIMS` claims, each: the claimant's key, its timestamp reply (.tsr), the commitment the claimant
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from seal_diffusion.dispute import ClaimInput, dispute
+from seal_diffusion.ownership.dispute import ClaimInput, dispute
 from seal_diffusion.fileio import write_json_atomic, write_text_atomic
 from ui.workspace import _copy_uploads, _need, _path, _paths
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from seal_diffusion.passport import correlation
-from seal_diffusion.plots import _pyplot
+from seal_diffusion.core.passport import correlation
+from seal_diffusion.reports.plots import _pyplot
 
 
 def _mpl_text(text: str) -> str:

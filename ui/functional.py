@@ -12,11 +12,11 @@ import math
 
 import gradio as gr
 
-from seal_diffusion.base_model import load_pipeline
+from seal_diffusion.models.base_model import load_pipeline
 from seal_diffusion.errors import UserError
-from seal_diffusion.functional import verify_both
-from seal_diffusion.probes import DEFAULT_PROBES
-from seal_diffusion.verify import DEFAULT_THRESHOLD
+from seal_diffusion.detection.functional import verify_both
+from seal_diffusion.detection.probes import DEFAULT_PROBES
+from seal_diffusion.detection.verify import DEFAULT_THRESHOLD
 
 
 def checkbox() -> gr.Checkbox:

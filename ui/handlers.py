@@ -10,17 +10,17 @@ import re
 
 import gradio as gr
 
-from seal_diffusion.base_model import resolve_base
-from seal_diffusion.compare import compare
+from seal_diffusion.models.base_model import resolve_base
+from seal_diffusion.reports.compare import compare
 from seal_diffusion.errors import UserError
-from seal_diffusion.export import export_lora, public_factors
-from seal_diffusion.images import IMAGE_SUFFIXES
-from seal_diffusion.keyfile import check_commitment
-from seal_diffusion.plots import plot_spectra
-from seal_diffusion.render import VARIANT_LABELS
-from seal_diffusion.subject import write_subject
+from seal_diffusion.core.export import export_lora, public_factors
+from seal_diffusion.models.images import IMAGE_SUFFIXES
+from seal_diffusion.core.keyfile import check_commitment
+from seal_diffusion.reports.plots import plot_spectra
+from seal_diffusion.evaluation.render import VARIANT_LABELS
+from seal_diffusion.models.subject import write_subject
 from seal_diffusion.training import parse_args, train
-from seal_diffusion.verify import DEFAULT_THRESHOLD, combine_suspects, load_suspect, recover_passports, verify
+from seal_diffusion.detection.verify import DEFAULT_THRESHOLD, combine_suspects, load_suspect, recover_passports, verify
 from ui.figures import _passport_figure, _verify_chart
 from ui.workspace import Workspace, _copy_uploads, _duration, _int, _load_key, _need, _path, _paths, _safe_name
 

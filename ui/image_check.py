@@ -1,4 +1,4 @@
-"""The app's "Check images" tab: the ownership check from generated images alone (:mod:`seal_diffusion.image_check`).
+"""The app's "Check images" tab: the ownership check from generated images alone (:mod:`seal_diffusion.detection.image_check`).
 
 Two steps, as on the command line: make a challenge (download the JSON and give it to the suspect service), then
 upload the images the service rendered for it and read the verdict. The owner's private reference is rendered into
@@ -12,8 +12,8 @@ import shutil
 
 import gradio as gr
 
-from seal_diffusion.image_challenge import DEFAULT_N
-from seal_diffusion.image_check import create_challenge, verify_images
+from seal_diffusion.detection.image_challenge import DEFAULT_N
+from seal_diffusion.detection.image_check import create_challenge, verify_images
 from ui.workspace import _copy_uploads, _guard, _int, _load_key, _need, _path, _paths
 
 MAX_IMAGES = 256

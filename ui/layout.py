@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import gradio as gr
 
-from seal_diffusion.base_model import TINY_NAMES
-from seal_diffusion.subject import INSTANCE_PROMPT
+from seal_diffusion.models.base_model import TINY_NAMES
+from seal_diffusion.models.subject import INSTANCE_PROMPT
 from ui import functional as ui_functional
 from ui.components import one_or_many
 from ui.dispute_tab import dispute_tab
@@ -21,7 +21,7 @@ from ui.timestamp_step import timestamp_section
 from ui.workspace import KEEP_SECONDS, Workspace, _guard
 
 RANKS = [2, 4, 8, 16, 32, 64, 128]
-PHOTO_TYPES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # = seal_diffusion.images.IMAGE_SUFFIXES
+PHOTO_TYPES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # = seal_diffusion.models.images.IMAGE_SUFFIXES
 
 CSS = """
 .seal-warning { border: 2px solid #d97706; border-radius: 8px; padding: 4px 14px; background: #fffbeb; }

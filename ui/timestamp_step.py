@@ -1,7 +1,7 @@
 """The Train tab's timestamp step: get the key's commitment stamped by a timestamp authority (RFC 3161) from the app,
 and download the request (``.tsq``) and the reply (``.tsr``) to keep with the key.
 
-A thin layer over :func:`seal_diffusion.timestamp.stamp_key` (what ``seal-diffusion timestamp`` runs). The key is copied
+A thin layer over :func:`seal_diffusion.ownership.timestamp.stamp_key` (what ``seal-diffusion timestamp`` runs). The key is copied
 into the job's private folder (the files sit beside it there, named after it); only the public ``.tsq``/``.tsr`` are
 returned. Named endpoint ``/timestamp``.
 """
@@ -13,7 +13,7 @@ import shutil
 
 import gradio as gr
 
-from seal_diffusion.timestamp import EXAMPLE_TSA, stamp_key
+from seal_diffusion.ownership.timestamp import EXAMPLE_TSA, stamp_key
 from ui.workspace import _load_key, _path, _safe_name
 
 ABOUT = f"""#### Timestamp your key (before you publish)

@@ -26,7 +26,7 @@ import gradio as gr
 from gradio.utils import get_upload_folder
 
 from seal_diffusion.errors import UserError
-from seal_diffusion.keyfile import SealKey
+from seal_diffusion.core.keyfile import SealKey
 
 log = logging.getLogger("seal_diffusion.ui")
 

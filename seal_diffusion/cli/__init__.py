@@ -13,6 +13,8 @@ times it).
 A command that writes files sets ``check`` beside ``func`` (``p.set_defaults(func=cmd_x, check=check_x)``):
 :func:`main` runs it first, so a bad or existing output path (:mod:`seal_diffusion.outpaths`) stops the command in
 well under a second, before it imports torch or diffusers, loads a model or renders anything.
+
+The top floor: it may import every sub-package of the library, the demo and the app (:mod:`ui`).
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ def cmd_attack(args) -> int:
     if args.lr is None:
         args.lr = 3e-3 if method == "distill" else 5e-5
     if method == "distill":
-        from ..distill import distill_lora
+        from ..attacks.distill import distill_lora
 
         res = distill_lora(args.input, args.output, base=args.base or "tiny", rank=args.rank or 4, steps=args.steps,
                            lr=args.lr, seed=args.seed, source=args.source, config=args.config,
@@ -80,23 +80,23 @@ def cmd_attack(args) -> int:
     if method == "merge-checkpoint":
         if not args.base:
             raise UserError("attack merge-checkpoint: --base MODEL is required")
-        from .. import attacks
+        from ..attacks import file_attacks as attacks
 
         out = attacks.merge_into_checkpoint(args.input, args.base, args.output, weight=args.weight,
                                             config=args.config, overwrite=args.overwrite)
     elif method == "finetune":
-        from ..finetune import finetune_lora  # lazy: it imports training (accelerate, diffusers: ~5 s)
+        from ..attacks.finetune import finetune_lora  # lazy: it imports training (accelerate, diffusers: ~5 s)
 
         out = finetune_lora(args.input, args.output, data=args.data, base=args.base or "tiny", steps=args.steps,
                             learning_rate=args.lr, seed=args.seed, overwrite=args.overwrite, config=args.config)
     elif method == "ambiguity":
-        from ..claim import forge_key
+        from ..ownership.claim import forge_key
 
         out = forge_key(args.input, args.output, mode=args.mode, gamma=args.gamma, seed=args.seed,
                         data=args.data, base=args.base, steps=args.steps, overwrite=args.overwrite)
     else:
-        from .. import attacks
-        from ..lora_file import read_lora
+        from ..attacks import file_attacks as attacks
+        from ..formats.lora_file import read_lora
 
         lora = read_lora(args.input)
         kwargs = {
@@ -167,7 +167,7 @@ def check_robustness(args) -> None:
 def cmd_robustness(args) -> int:
     from tqdm import tqdm
 
-    from ..robustness import run_robustness  # it imports training (accelerate, diffusers: ~5 s)
+    from ..reports.robustness import run_robustness  # it imports training (accelerate, diffusers: ~5 s)
 
     bar = tqdm(total=1, desc="robustness", unit="step", dynamic_ncols=True, disable=None)
 

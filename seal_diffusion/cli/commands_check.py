@@ -54,14 +54,14 @@ def cmd_verify(args) -> int:
     from ..fileio import write_json_atomic
 
     if args.functional:
-        from ..functional import verify_both  # diffusers (the model) only when the function-level test runs
+        from ..detection.functional import verify_both  # diffusers (the model) only when the function-level test runs
 
         report = verify_both(args.key, args.suspect, args.base, threshold=args.threshold, statistic=args.statistic,
                              n_probes=args.probes, prompts=args.prompt, config=args.config,
                              use_cache=not args.no_cache, size=args.probe_size, commitment=args.commitment,
                              show_progress=True)
     else:
-        from ..verify import verify_path
+        from ..detection.verify import verify_path
 
         report = verify_path(args.key, args.suspect, base=args.base, threshold=args.threshold,
                              statistic=args.statistic, config=args.config, commitment=args.commitment)
@@ -106,7 +106,7 @@ def cmd_scan(args) -> int:
     from tqdm import tqdm
 
     from ..fileio import write_json_atomic
-    from ..scan import CORRECTION, exit_code, format_table, scan
+    from ..detection.scan import CORRECTION, exit_code, format_table, scan
 
     rows, rate = scan(args.key, args.paths, args.threshold, args.statistic,
                       progress=lambda it: tqdm(it, desc="scanning", unit="file", disable=None),
@@ -173,7 +173,7 @@ def _bar(desc: str):
 
 
 def cmd_challenge(args) -> int:
-    from ..image_check import create_challenge
+    from ..detection.image_check import create_challenge
 
     progress = _bar("challenge")
     try:
@@ -215,7 +215,7 @@ def check_verify_images(args) -> None:
 
 def cmd_verify_images(args) -> int:
     from ..fileio import write_json_atomic
-    from ..image_check import ROBUSTNESS_NOTE, verify_images
+    from ..detection.image_check import ROBUSTNESS_NOTE, verify_images
 
     progress = _bar("verify-images")
     try:
@@ -234,7 +234,7 @@ class _ClaimAction(argparse.Action):
     """``--claim KEY`` starts a claim; ``--timestamp``, ``--commitment`` and ``--file`` attach to the last one."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from ..dispute import ClaimInput
+        from ..ownership.dispute import ClaimInput
 
         claims = getattr(namespace, "claims", None) or []
         if option_string == "--claim":
@@ -283,7 +283,7 @@ def check_dispute(args) -> None:
 
 
 def cmd_dispute(args) -> int:
-    from ..dispute import dispute
+    from ..ownership.dispute import dispute
     from ..fileio import write_json_atomic, write_text_atomic
 
     report = dispute(args.suspect, args.claims, base=args.base, data=args.data, prompt=args.prompt, ca=args.ca,

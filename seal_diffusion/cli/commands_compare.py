@@ -63,8 +63,8 @@ def check_compare(args) -> None:
 
 
 def cmd_compare(args) -> int:
-    from ..compare import compare, pairs_table, read_prompts
-    from ..keyfile import SealKey, check_commitment
+    from ..reports.compare import compare, pairs_table, read_prompts
+    from ..core.keyfile import SealKey, check_commitment
 
     prompts = list(args.prompt)
     if args.prompts:
@@ -111,7 +111,7 @@ def check_sigma_sweep(args) -> None:
 
 
 def cmd_sigma_sweep(args) -> int:
-    from ..sigma_sweep import sigma_sweep, sigma_table_md
+    from ..reports.sigma_sweep import sigma_sweep, sigma_table_md
 
     result = sigma_sweep(args.out, base=args.base, sigmas=args.sigmas, instance_data_dir=args.instance_data_dir,
                          instance_prompt=args.instance_prompt, prompts=args.prompt or None, seeds=args.seeds,

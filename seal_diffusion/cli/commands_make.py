@@ -50,7 +50,7 @@ def check_tiny_model(args) -> None:
 
 
 def cmd_tiny_model(args) -> int:
-    from ..tiny import write_tiny_model
+    from ..models.tiny import write_tiny_model
 
     out = write_tiny_model(args.out, xl=args.xl)
     cls = "StableDiffusionXLPipeline" if args.xl else "StableDiffusionPipeline"
@@ -84,7 +84,7 @@ def add_export_command(sub) -> None:
 
 def check_export(args) -> None:
     """Every output path checked before any work (run by the CLI before the command)."""
-    from ..lora_file import DIFFUSERS_WEIGHT_NAME  # torch: export needs it anyway
+    from ..formats.lora_file import DIFFUSERS_WEIGHT_NAME  # torch: export needs it anyway
 
     out = Path(args.out)
     if args.format == "diffusers" and (out.is_dir() or out.suffix == ""):  # a folder: the file inside it
@@ -93,8 +93,8 @@ def check_export(args) -> None:
 
 
 def cmd_export(args) -> int:
-    from ..export import export_lora
-    from ..keyfile import SealKey
+    from ..core.export import export_lora
+    from ..core.keyfile import SealKey
 
     key = SealKey.load(args.key)
     name = args.name or Path(args.out).stem
@@ -138,7 +138,7 @@ def add_timestamp_command(sub) -> None:
 
 
 def cmd_timestamp(args) -> int:
-    from ..timestamp import stamp_command, stamp_key
+    from ..ownership.timestamp import stamp_command, stamp_key
 
     done = stamp_key(args.key, args.tsa, args.ca, args.reply, args.timeout)
     if done["request"]:
@@ -163,7 +163,7 @@ def add_commitment_command(sub) -> None:
 
 
 def cmd_commitment(args) -> int:
-    from ..keyfile import SealKey
+    from ..core.keyfile import SealKey
 
     print(SealKey.load(args.key).commitment())
     return 0

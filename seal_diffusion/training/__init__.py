@@ -3,7 +3,7 @@
 The flow and the argument names follow diffusers' ``examples/dreambooth/train_dreambooth_lora.py``, so anyone who has
 trained a DreamBooth LoRA knows the knobs. What SEAL adds:
 
-* every adapted projection computes ``W x + (α/r)·B·C_t·A·x`` (:class:`~seal_diffusion.network.SealNetwork`) where
+* every adapted projection computes ``W x + (α/r)·B·C_t·A·x`` (:class:`~seal_diffusion.core.network.SealNetwork`) where
   C_t is the secret passport C or the second passport C_p. ``--passport_schedule alternate`` switches C ↔ C_p every
   optimizer step; ``split`` runs the first half of every batch with C and the rest with C_p. The schedule depends
   only on the global step, so all accelerate processes stay in lock-step;
@@ -24,8 +24,11 @@ same final factors as an uninterrupted run.
 The library entry points are :func:`train` (also used by the UI) and :func:`main` (the command line). Where the rest is:
 ``args`` (parser and checks), ``data`` (dataset, sampler), ``loss`` (the passport schedule's loss), ``checkpoints``,
 ``validation`` (validation and class images), ``outputs`` (key, public files; the output folder's checks, the training
-log), ``loop`` (:func:`train`), ``command`` (:func:`main`). Held-out evaluation is :mod:`seal_diffusion.evaluation`; the
-fine-tuning attack is :mod:`seal_diffusion.finetune`.
+log), ``loop`` (:func:`train`), ``command`` (:func:`main`). Held-out evaluation is :mod:`seal_diffusion.evaluation.heldout`; the
+fine-tuning attack is :mod:`seal_diffusion.attacks.finetune`.
+
+A floor of its own: it imports :mod:`~seal_diffusion.ownership` (the timestamp request written after training) and
+the floors below it; the attacks, reports, demo, app and command import it.
 """
 
 from .args import build_parser, check_args, parse_args

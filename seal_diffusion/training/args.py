@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
-from ..lora_file import read_lora
+from ..formats.lora_file import read_lora
 from .compat import add_compat_args, check_compat
 
 PROG = "train_dreambooth_seal.py"

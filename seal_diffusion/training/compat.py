@@ -89,7 +89,7 @@ def check_compat(args: argparse.Namespace, need) -> None:
     if env_rank != -1 and hasattr(args, "local_rank"):
         args.local_rank = env_rank  # as diffusers: the launcher's environment wins
     for path in g("validation_images") or []:
-        from ..images import load_image
+        from ..models.images import load_image
 
         load_image(path, 8)  # unreadable → one line naming the file
 
@@ -143,7 +143,7 @@ def encode_prompt_ids(pipe, prompt: str, device, args):
     """SD 1.x conditioning of ``prompt`` as diffusers' DreamBooth script encodes it: tokens padded/truncated to
     ``--tokenizer_max_length`` (default the tokenizer's), the attention mask given to the text encoder with
     ``--text_encoder_use_attention_mask``; the encoder's last hidden state."""
-    from ..conditioning import Conditioning
+    from ..models.conditioning import Conditioning
 
     tok = pipe.tokenizer
     max_length = getattr(args, "tokenizer_max_length", None) or tok.model_max_length

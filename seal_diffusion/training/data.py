@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..images import image_to_tensor, load_image
+from ..models.images import image_to_tensor, load_image
 from .args import warn
 
 MAX_CACHED_IMAGES = 1000  # keep decoded, resized images in memory up to this many

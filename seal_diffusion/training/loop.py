@@ -27,16 +27,16 @@ from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from .. import passport as passports_mod
-from ..attacks import init_from_lora
-from ..base_model import is_sdxl, load_pipeline, resolve_base
+from ..core import passport as passports_mod
+from ..core.network import init_from_lora
+from ..models.base_model import is_sdxl, load_pipeline, resolve_base
 from ..errors import UserError
-from ..conditioning import encode_text
-from ..evaluation import default_resolution, training_noise_scheduler, vae_scale_factor
-from ..images import scan_image_dir
-from ..kohya_meta import training_metadata
-from ..model_card import public_base_label
-from ..network import SealNetwork, target_modules, text_encoders_of
+from ..models.conditioning import encode_text
+from ..evaluation.heldout import default_resolution, training_noise_scheduler, vae_scale_factor
+from ..models.images import scan_image_dir
+from ..formats.kohya_meta import training_metadata
+from ..formats.model_card import public_base_label
+from ..core.network import SealNetwork, target_modules, text_encoders_of
 from .args import check_args, warn
 from .compat import (apply_to_pipeline, custom_text_encoding, encode_prompt_ids, resample_filter,
                      running_training_summary, scheduler_kwargs)

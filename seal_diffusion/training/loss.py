@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..conditioning import Conditioning, encode_text
-from ..evaluation import denoising_target
+from ..models.conditioning import Conditioning, encode_text
+from ..evaluation.heldout import denoising_target
 
 
 def sample_latents(moments: torch.Tensor, generator: torch.Generator, scaling: float) -> torch.Tensor:

@@ -8,17 +8,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..base_model import is_sdxl
+from ..models.base_model import is_sdxl
 from ..errors import UserError
-from ..export import export_lora
+from ..core.export import export_lora
 from ..fileio import write_text_atomic
-from ..fold import fold
-from ..keyfile import SealKey
-from ..lora_file import DIFFUSERS_WEIGHT_NAME, write_lora
-from ..lora_names import SD_V1, SDXL
-from ..model_card import model_card, public_base_label
+from ..core.fold import fold
+from ..core.keyfile import SealKey
+from ..formats.lora_file import DIFFUSERS_WEIGHT_NAME, write_lora
+from ..formats.lora_names import SD_V1, SDXL
+from ..formats.model_card import model_card, public_base_label
 from ..outpaths import probe_writable
-from ..timestamp import after_training
+from ..ownership.timestamp import after_training
 
 
 def public_paths(output_dir: Path, name: str) -> list[Path]:

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import UserError
 from ..fileio import atomic_write
-from ..images import IMAGE_SUFFIXES
+from ..models.images import IMAGE_SUFFIXES
 from .compat import prior_autocast
 from .data import generator_for
 
