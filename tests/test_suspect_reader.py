@@ -26,22 +26,12 @@ from seal_diffusion.detection.scan import scan
 from seal_diffusion.formats.suspect_weights import merge_suspect_into, restore
 from seal_diffusion.detection.verify import combine_suspects, load_suspect, prepare, verify, verify_path
 
+from test_layouts import _ldm_of  # one copy of the diffusers → LDM name map
+
 N_PROBES, SIZE = 4, 16
 FLOOR = 47 * math.log10(2)  # two-sided floor of the tiny default's 48 modules
 LAYOUTS = ("kohya", "lycoris-full+1-plain", "lycoris-full", "loha", "lokr", "locon+conv", "peft", "peft-base-model",
            "ldm", "fp16", "bf16")
-
-
-def _ldm_of(unet) -> dict[str, str]:
-    from seal_diffusion.formats.checkpoint import UNET_PREFIX, unet_to_ldm
-
-    sd = unet.state_dict()
-    out = {}
-    for k, v in unet_to_ldm(sd, unet.config).items():
-        for dk, dv in sd.items():
-            if dv is v and dk.endswith(".weight"):
-                out[dk[: -len(".weight")]] = k[len(UNET_PREFIX): -len(".weight")]
-    return out
 
 
 def resave(factors: dict, layout: str, unet, path) -> str:
