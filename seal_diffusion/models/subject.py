@@ -16,7 +16,7 @@ SUBJECT_TOKEN = "sks"
 SUBJECT_CLASS = "cat"
 INSTANCE_PROMPT = f"a photo of {SUBJECT_TOKEN} {SUBJECT_CLASS}"
 CLASS_PROMPT = f"a photo of {SUBJECT_CLASS}"
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+PROMPTS_DIR = Path(__file__).resolve().parents[2] / "prompts"
 
 # (left, top, size) crops of the 451×300 photo, each also written mirrored.
 _CROPS = ((60, 0, 300), (90, 10, 280), (40, 20, 260), (110, 30, 240))
