@@ -48,6 +48,9 @@ def _rebased(key: SealKey, seed: int) -> SealKey:
     return SealKey(mods, key.rank, key.alpha, key.base_model, key.target_modules)
 
 
+# ~10 CPU-minutes of forger fits and thief training: opt-in (`pytest -m slow`), not in the README's test command
+pytestmark = pytest.mark.slow
+
 @pytest.fixture(scope="module")
 def case(owner_training, subject_dir, tmp_path_factory):
     """The owner's key (a copy), stamped first by a local TSA; the adaptive forger's key for the release and a stolen,

@@ -209,12 +209,14 @@ def _train(subject_dir, out, prompt, *extra):
     return out
 
 
+@pytest.mark.slow  # trains another key: opt-in (`pytest -m slow`)
 def test_other_key_seal_of_the_same_subject_not_accused(setup, subject_dir):
     other = _train(subject_dir, setup["tmp"] / "otherkey", "a photo of sks cat", "--secret", "someone else's key")
     report = _check(setup, _with_lora(setup["pipe"], other, setup["ch"], setup["tmp"] / "otherkey_images"))
     assert not report.detected, report.summary()
 
 
+@pytest.mark.slow  # trains two LoRAs per subject: opt-in (`pytest -m slow`)
 @pytest.mark.parametrize("photo", ["coffee", "astronaut"])
 def test_defaults_detect_the_release_on_other_subjects(setup, photo, tmp_path):
     """Two subjects that are not the bundled cat (scikit-image photos, 8 crops each), trained like the cat: the
