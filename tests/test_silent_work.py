@@ -31,7 +31,7 @@ def test_attack_distill_command_asks_for_the_bar(tmp_path, monkeypatch, capsys):
         seen.update(kw)
         return distill.DistillResult(out, 0.5, kw["steps"], kw["rank"], 0.1)
 
-    monkeypatch.setattr("seal_diffusion.cli.commands_attack.distill_lora", fake)
+    monkeypatch.setattr("seal_diffusion.attacks.distill.distill_lora", fake)  # the handler imports it when it runs
     (tmp_path / "in.safetensors").write_bytes(b"x")
     assert cli_main(["attack", "distill", str(tmp_path / "in.safetensors"), str(tmp_path / "o.safetensors")]) == 0
     assert seen["show_progress"] is True and seen["steps"] == 400
