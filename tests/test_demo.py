@@ -7,7 +7,9 @@ def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     (out / "seal").mkdir(parents=True)
     (out / "seal" / "cat.sealkey").write_bytes(b"an earlier demo's key")  # re-running the demo says so
-    assert cli_main(["demo", "--out", str(out), "--steps", "40"]) == 0
+    assert cli_main(["demo", "--out", str(out), "--steps", "40"]) == 2  # an earlier run's folder: refused at once
+    assert (out / "seal" / "cat.sealkey").read_bytes() == b"an earlier demo's key"
+    assert cli_main(["demo", "--out", str(out), "--steps", "40", "--force"]) == 0
     summary = (out / "summary.md").read_text()
     assert "**NO**" not in summary, summary
     assert summary.splitlines()[2].startswith("**All ") and "as expected" in summary.splitlines()[2]
