@@ -272,7 +272,7 @@ def test_challenge_out_checked_first_and_failure_leaves_nothing(setup, tmp_path,
     (tmp_path / "file").write_text("x")
     assert main(["challenge", "--key", str(key), "--out", str(tmp_path / "file" / "c.json"),
                  "--prompt", "a photo of sks cat"]) == 2
-    assert "cannot write here" in capsys.readouterr().err
+    assert "is a file, not a folder" in capsys.readouterr().err
     before = set(tmp_path.iterdir())
 
     def broken_save(self, path, overwrite=True):
