@@ -85,7 +85,7 @@ def test_outputs_layout_and_key_first(seal_run):
 
     lines = [json.loads(l) for l in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == list(range(1, 31))
-    assert set(lines[0]) == {"step", "loss", "lr"}
+    assert set(lines[0]) == {"step", "loss", "lr", "time", "elapsed_s"}  # time: UTC ISO 8601
 
     calls = seal_run["calls"]
     assert len(calls) == 30 and calls[-1][:2] == (30, 30) and calls[-1][3] == pytest.approx(0, abs=1e-6)
