@@ -354,14 +354,14 @@ def _issue23_checks(browser, root: Path, files: dict, lora: Path) -> None:
 
     # -- Dispute: four claims, commitment and file fields, names not cut, table words whole, a real docs link
     browser.js(f"{s}.clickText('button[role=tab]', 'Dispute')")
-    browser.wait("document.querySelector('#dispute-btn') && document.querySelector('#dispute-btn').offsetParent",
-                 timeout=60, what="the Dispute tab")  # a tab's content renders on its first visit: slow on busy cores
+    browser.wait("!!(document.querySelector('#dispute-btn') && document.querySelector('#dispute-btn').offsetParent)",
+                 timeout=30, what="the Dispute tab")  # !!: an element is not returned by value
     for i in (1, 2):
         for field in ("key", "tsr", "commitment", "file"):
             assert browser.js(f"!!document.querySelector('#dispute-{field}{i}')"), (field, i)
     browser.js(f"{s}.clickText('button', 'More claims')")
-    browser.wait("document.querySelector('#dispute-key4') && document.querySelector('#dispute-key4').offsetParent",
-                 timeout=60, what="claims 3 and 4")
+    browser.wait("!!(document.querySelector('#dispute-key4') && document.querySelector('#dispute-key4').offsetParent)",
+                 timeout=30, what="claims 3 and 4")
     assert browser.js("!!document.querySelector('a[href=\"#dispute-docs\"]')")
     assert "How to win a dispute" in browser.js(f"{s}.text('#dispute-docs')")
     browser.set_files("#dispute-suspect input[type=file]", [str(lora)])
