@@ -16,7 +16,7 @@ from seal_diffusion.evaluation.render import generate
 from seal_diffusion.errors import UserError
 from seal_diffusion.detection.image_challenge import DEFAULT_N, DEFAULT_STEPS, Challenge, challenge_prompts, make_challenge
 from seal_diffusion.detection.image_check import create_challenge, reference_path, verify_images
-from seal_diffusion.detection.image_sampler import use_scheduler
+from seal_diffusion.detection.image_sampler import challenge_scheduler
 from seal_diffusion.detection.verify import sign_flip_neg_log10_p
 from small_owner import fixed_scrypt_salt
 
@@ -27,9 +27,9 @@ N, SIZE, STEPS = DEFAULT_N, 32, DEFAULT_STEPS  # the shipped defaults on tiny (s
 
 
 def _render(pipe, ch: Challenge, folder, names="img_{:03d}.png"):
-    use_scheduler(pipe, ch.scheduler)
-    images = generate(pipe, list(zip(ch.prompts, ch.seeds)), steps=ch.steps, guidance_scale=ch.guidance_scale,
-                      height=ch.height, width=ch.width, batch_size=N)
+    with challenge_scheduler(pipe, ch.scheduler):  # the shared pipeline keeps its scheduler (test_claim renders too)
+        images = generate(pipe, list(zip(ch.prompts, ch.seeds)), steps=ch.steps, guidance_scale=ch.guidance_scale,
+                          height=ch.height, width=ch.width, batch_size=N)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, im in enumerate(images):

@@ -240,8 +240,11 @@ def test_image_check_sampler_matches_the_pipeline_for_both_families(base):
     assert is_sdxl(pipe) == (base == "tiny-xl")
     ch = Challenge(base, ["a photo of sks cat", "a red car on a street"], [7, 123], steps=3,
                    guidance_scale=5.0, height=48, width=64, compare_size=16)
+    own = pipe.scheduler
+    assert type(own).__name__ != ch.scheduler
     with torch.no_grad():
         got = sample(pipe, ch, [0, 1])
+    assert pipe.scheduler is own, "the image check leaves the caller's pipeline with its own scheduler"
     use_scheduler(pipe, ch.scheduler)
     want = pipe(ch.prompts, generator=[torch.Generator().manual_seed(s) for s in ch.seeds],
                 num_inference_steps=ch.steps, guidance_scale=ch.guidance_scale, height=ch.height, width=ch.width,

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Sequence
 
 import numpy as np
@@ -24,6 +25,7 @@ Progress = Callable[[int, int, str], object]
 
 
 def use_scheduler(pipe, name: str) -> None:
+    """Give ``pipe`` the diffusers scheduler class ``name`` (same config); it stays. See :func:`challenge_scheduler`."""
     import diffusers  # lazy: diffusers is heavy, and the command line starts without it
 
     cls = getattr(diffusers, name, None)
@@ -31,6 +33,18 @@ def use_scheduler(pipe, name: str) -> None:
         raise UserError(f"challenge scheduler {name!r}: not a diffusers scheduler class")
     if type(pipe.scheduler).__name__ != name:
         pipe.scheduler = cls.from_config(pipe.scheduler.config)
+
+
+@contextlib.contextmanager
+def challenge_scheduler(pipe, name: str):
+    """``pipe`` with the scheduler class ``name`` inside the block, its own scheduler again after it: a pipeline the
+    caller shares (the app's, a test's) renders as before once the image check is done with it."""
+    own = pipe.scheduler
+    use_scheduler(pipe, name)
+    try:
+        yield pipe.scheduler
+    finally:
+        pipe.scheduler = own
 
 
 def challenge_conditioning(pipe, prompts: list[str], height: int, width: int, cfg: bool) -> Conditioning:
@@ -56,10 +70,14 @@ def challenge_conditioning(pipe, prompts: list[str], height: int, width: int, cf
 def sample(pipe, challenge: Challenge, index: Sequence[int]) -> torch.Tensor:
     """The challenge entries ``index`` as ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` render them —
     same noise (one CPU generator per image), conditioning, scheduler, CFG and decoding — but differentiable (no
-    ``no_grad``): (k, 3, H, W) in [0, 1]."""
+    ``no_grad``): (k, 3, H, W) in [0, 1]. ``pipe`` keeps its own scheduler."""
+    with challenge_scheduler(pipe, challenge.scheduler):
+        return _sample(pipe, challenge, index)
+
+
+def _sample(pipe, challenge: Challenge, index: Sequence[int]) -> torch.Tensor:
     from diffusers.utils.torch_utils import randn_tensor  # lazy: diffusers is heavy (see use_scheduler)
 
-    use_scheduler(pipe, challenge.scheduler)
     device, dtype = pipe.unet.device, pipe.unet.dtype
     prompts = [challenge.prompts[i] for i in index]
     gens = [torch.Generator(device="cpu").manual_seed(int(challenge.seeds[i])) for i in index]
