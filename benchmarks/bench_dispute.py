@@ -40,6 +40,10 @@ PROMPT = "a photo of sks cat"
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=20, help="genuine owners (default 20)")
+    p.add_argument("--first", type=int, default=0,
+                   help="number of the first owner (default 0): two processes with --first 0 --runs 10 and "
+                        "--first 10 --runs 10 --threads 1 together run owners 0-19 on 2 cores")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--steps", type=int, default=60, help="training steps per owner (default 60, as the test fixture)")
     p.add_argument("--forge-steps", type=int, default=60, help="steps of the adaptive forger's fit (default 60)")
     p.add_argument("--thief-steps", type=int, default=30, help="steps of the thief's SEAL run on top (default 30)")
@@ -48,7 +52,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     from tsa_helpers import LocalTSA
 
     from seal_diffusion.attacks.file_attacks import quantize
@@ -66,7 +70,8 @@ def main(argv=None) -> int:
     data = write_subject(work / "subject")
     pipe = load_pipeline("tiny")
     tsa, rogue = LocalTSA(work / "tsa"), LocalTSA(work / "rogue")
-    configs = list(itertools.islice(itertools.cycle(itertools.product((4, 8), ("alternate", "split"))), args.runs))
+    configs = list(itertools.islice(itertools.cycle(itertools.product((4, 8), ("alternate", "split"))),
+                                    args.first, args.first + args.runs))
     rows = []
 
     def stamp(key_path, authority=None):
@@ -96,7 +101,7 @@ def main(argv=None) -> int:
         print(f"run {run:2d}  {attack:24s} winner {row['winner'] or 'none':8s}  owner valid {o.valid!s:5s}  "
               f"attacker valid {a.valid!s:5s}  ({report.reason})", flush=True)
 
-    for i, (rank, schedule) in enumerate(configs):
+    for i, (rank, schedule) in enumerate(configs, start=args.first):
         out = work / f"run{i}"
         result = train(parse_args(["--pretrained_model_name_or_path", "tiny", "--instance_data_dir", str(data),
                                    "--instance_prompt", PROMPT, "--output_dir", str(out), "--output_name", "cat",

@@ -44,6 +44,45 @@ def test_owner_is_a_genuine_pair(owner):
     assert m["difference"] > 1.3 * MIN_DIFFERENCE and m["spread"] > 1.2 * MIN_SPREAD, v.detail
 
 
+def test_r2_is_measured_once_per_key_base_and_images(owner, monkeypatch, tmp_path):
+    """R2 does not depend on the suspect: a second dispute with the same claim reuses the measurement; another key,
+    changed base weights or changed subject images are measured again."""
+    import shutil
+
+    from seal_diffusion.ownership import genuine
+
+    calls = []
+    real = genuine._function_measures
+    monkeypatch.setattr(genuine, "_function_measures", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(genuine, "_MEASURED", {})
+    key, pipe = owner["key"], owner["pipe"]
+    first = genuine.function_measures(key, pipe, owner["data"], PROMPT)
+    first["loss"]["C"] = -1.0  # the caller's copy: the memo is not changed through it
+    again = genuine.function_measures(key, pipe, owner["data"], PROMPT)
+    assert len(calls) == 1 and again["loss"]["C"] > 0 and again["loss_gap"] == first["loss_gap"]
+    other = forge(owner["public"], "flip", seed=3)
+    genuine.function_measures(other, pipe, owner["data"], PROMPT)
+    assert len(calls) == 2, "another key is measured"
+    data = shutil.copytree(owner["data"], tmp_path / "data")
+    genuine.function_measures(key, pipe, data, PROMPT)
+    assert len(calls) == 3, "other images are measured"
+    genuine.function_measures(key, pipe, data, PROMPT)
+    assert len(calls) == 3
+    next(data.iterdir()).unlink()
+    genuine.function_measures(key, pipe, data, PROMPT)
+    assert len(calls) == 4, "changed images are measured again"
+    weight = pipe.unet.conv_in.weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.add_(1e-3)
+    try:
+        changed = genuine.function_measures(key, pipe, owner["data"], PROMPT)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    assert len(calls) == 5 and changed["loss"] != again["loss"], "changed base weights are measured again"
+
+
 @pytest.mark.parametrize("mode, kw", [("pad", {}), ("nilpotent", {}), ("nilpotent", {"noise": 0.02}),
                                       ("outside", {}), ("flip", {})])
 def test_structural_forgeries_fail_r2(owner, tmp_path, mode, kw):

@@ -110,14 +110,51 @@ def weight_measures(key: SealKey) -> dict:
             "per_module": {n: vars(p) for n, p in per.items()}}
 
 
-@torch.no_grad()
+# function_measures' results within one process, by (key, base, subject images, prompt, settings): a dispute over
+# several suspects, or several disputes with the same claims, measure each key's R2 once (it does not depend on the
+# suspect). The base counts by its weights' fingerprint, so a pipeline changed in between is measured again.
+_MEASURED: dict[tuple, dict] = {}
+_MEASURED_MAX = 32
+
+
+def _base_fingerprint(base, config) -> tuple:
+    if isinstance(base, (str, os.PathLike)):
+        return ("spec", str(base), str(config))
+    params = list(base.unet.parameters())  # a LoRA adapter loaded on it adds parameters; a fused one moves the sum
+    with torch.no_grad():
+        total = float(sum(p.detach().double().sum() for p in params))
+    return ("pipeline", id(base), len(params), total)
+
+
+def _data_fingerprint(data) -> tuple:
+    folder = os.fspath(data)
+    try:
+        return (folder, tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(folder))))
+    except OSError:
+        return (folder,)
+
+
 def function_measures(key: SealKey, base, data: str | os.PathLike, prompt: str, *, n_timesteps: int = 8,
                       seed: int = 0, config=None) -> dict:
     """Held-out denoising losses with C, C_p and the base, the loss gap, and φ (see the module docstring).
 
     Same inputs for every variant (fixed noise and timesteps, evenly spaced over the schedule), so differences are the
-    passports' doing. ``base``: a pipeline or a model spec (``tiny``, a folder, …).
+    passports' doing. ``base``: a pipeline or a model spec (``tiny``, a folder, …). Measured once per process for the
+    same key, base weights, subject images and settings (a copy of the result is returned).
     """
+    memo = (key.commitment(), _base_fingerprint(base, config), _data_fingerprint(data), prompt, n_timesteps, seed)
+    if memo not in _MEASURED:
+        if len(_MEASURED) >= _MEASURED_MAX:
+            _MEASURED.pop(next(iter(_MEASURED)))
+        _MEASURED[memo] = _function_measures(key, base, data, prompt, n_timesteps=n_timesteps, seed=seed,
+                                             config=config)
+    result = dict(_MEASURED[memo])
+    result["loss"] = dict(result["loss"])
+    return result
+
+
+@torch.no_grad()
+def _function_measures(key: SealKey, base, data, prompt: str, *, n_timesteps: int, seed: int, config) -> dict:
     from diffusers import DDPMScheduler  # lazy: diffusers takes ~5 s to import
 
     pipe = base if not isinstance(base, (str, os.PathLike)) else load_pipeline(base, config=config)
