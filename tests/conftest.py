@@ -19,22 +19,12 @@ import pytest  # noqa: E402
 from small_owner import fixed_scrypt_salt  # noqa: E402
 import torch  # noqa: E402
 
-# pytest-xdist (README: -n 2): one torch thread per worker when the workers already fill the cores. The tiny model's
-# ops are too small for a second thread to pay (most of a step is Python dispatch), two processes are not.
+# pytest-xdist (README: -n 2 --dist loadfile; each test file runs on one worker, so each module fixture is built once,
+# and the session fixture ``owner_training`` is trained once for all workers: see there): one torch thread per worker
+# when the workers already fill the cores. The tiny model's ops are too small for a second thread to pay (most of a
+# step is Python dispatch), two processes are not.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "xdist_group(name): tests pytest-xdist runs in one worker (--dist loadgroup)")
-
-
-def pytest_collection_modifyitems(config, items):
-    """With ``-n N --dist loadgroup``: one group per test file, so each module fixture is built once (the session
-    fixture ``owner_training`` is trained once for all workers: see there)."""
-    for item in items:
-        if not any(m.name == "xdist_group" for m in item.iter_markers()):
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
 
 
 @pytest.fixture(scope="session")
