@@ -13,8 +13,9 @@ For each of N tiny SEAL runs (seeds 100…, ranks 4 and 8 × passport schedules 
   later; the dispute is over his file.
 
 Every dispute is :func:`seal_diffusion.ownership.dispute.dispute` with the subject's images (R2 measured). Prints one row per
-dispute (winner, each claim's validity) and the count of disputes the owner won. Not a timed test; on a quiet 2-core
-machine roughly 3 min per owner (training, 4 forger fits, one thief training, 8 disputes).
+dispute (winner, each claim's validity) and the count of disputes the owner won. Not a timed test: one owner (training,
+4 forger fits, one thief training, 8 disputes) took 33 min on one thread beside a full test run (2026-12-04); split
+the owners over processes with --first/--runs.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_dispute.py [--runs 20] [--json OUT]
 """
