@@ -48,7 +48,8 @@ def _rebased(key: SealKey, seed: int) -> SealKey:
     return SealKey(mods, key.rank, key.alpha, key.base_model, key.target_modules)
 
 
-# forger fits and thief training, 6 min 16 s on 2 idle cores (2026-12-04; each key's R2 measured once per process):
+# forger fits and thief training, 6 min 16 s on 2 cores (2026-12-04, a one-thread experiment beside it part of the time;
+# each key's R2 measured once per process):
 # opt-in (`pytest -m slow`), not in the README's test command
 pytestmark = pytest.mark.slow
 
