@@ -239,7 +239,7 @@ def summary_markdown(result: dict, out: Path) -> str:
     rows = result["rows"]
     bad = [r for r in rows if not r["ok"]]
     n_modules = result.get("n_modules", 48)
-    ceiling = n_modules * math.log10(2)
+    ceiling = (n_modules - 1) * math.log10(2)  # two-sided: p ≥ 2 · 2^−M
     headline = (f"**All {len(rows)} checks came out as expected.**" if not bad else
                 f"**{len(bad)} of {len(rows)} checks did NOT come out as expected** (marked NO below).")
     lines = ["# seal-diffusion demo", "", headline, "",
@@ -254,9 +254,9 @@ def summary_markdown(result: dict, out: Path) -> str:
     l = result["losses"]
     _, verdict = entanglement_verdict(l)
     lines += ["", "Detection threshold: −log10 p ≥ 3.3 (p < 5·10⁻⁴).",
-              f"The highest score possible here is {ceiling:.1f}: the test is exact and each of the model's "
-              f"{n_modules} LoRA layers is one coin flip, so the smallest possible p-value is 2^−{n_modules} "
-              f"(−log10 = {ceiling:.1f}). A full SD 1.5 LoRA (128 layers) can reach {128 * math.log10(2):.1f}.", "",
+              f"The highest score possible here is {ceiling:.1f}: the test is exact and two-sided, and each of the "
+              f"model's {n_modules} LoRA layers is one coin flip, so the smallest possible p-value is 2·2^−{n_modules} "
+              f"(−log10 = {ceiling:.1f}). A full SD 1.5 LoRA (128 layers) can reach {127 * math.log10(2):.1f}.", "",
               *_distill_and_dispute_lines(result, rel),
               "## Entanglement (held-out denoising loss on the subject, fixed noise and timesteps; lower is better)",
               "", "C is the secret passport folded into the released file, C_p the second passport the owner keeps.",
