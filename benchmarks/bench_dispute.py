@@ -48,8 +48,14 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=60, help="training steps per owner (default 60, as the test fixture)")
     p.add_argument("--forge-steps", type=int, default=60, help="steps of the adaptive forger's fit (default 60)")
     p.add_argument("--thief-steps", type=int, default=30, help="steps of the thief's SEAL run on top (default 30)")
+    p.add_argument("--attacks", default="forger,resaves,thief",
+                   help="which attacks, comma-separated (default all): forger = (a)–(c), the adaptive forger's five "
+                        "disputes; resaves = (d); thief = (e)")
     p.add_argument("--json", help="write every dispute's outcome here (after each owner)")
     args = p.parse_args(argv)
+    attacks = set(args.attacks.split(","))
+    if not attacks or attacks - {"forger", "resaves", "thief"}:
+        p.error(f"--attacks {args.attacks}: expected a comma-separated subset of forger, resaves, thief")
 
     import torch
 
@@ -97,10 +103,12 @@ def main(argv=None) -> int:
         o, a = claims[owner.key], claims[other.key]
         row = dict(run=run, attack=attack, winner="owner" if report.winner == owner.key else
                    ("attacker" if report.winner else None), owner_valid=o.valid, attacker_valid=a.valid,
-                   attacker_timestamp_problem=a.timestamp_problem, reason=report.reason, seconds=time.time() - t)
+                   attacker_timestamp_problem=a.timestamp_problem, reason=report.reason, seconds=time.time() - t,
+                   owner_neg_log10_p=o.measurements.get("neg_log10_p"))
         rows.append(row)
-        print(f"run {run:2d}  {attack:24s} winner {row['winner'] or 'none':8s}  owner valid {o.valid!s:5s}  "
-              f"attacker valid {a.valid!s:5s}  ({report.reason})", flush=True)
+        print(f"run {run:2d}  {attack:24s} winner {row['winner'] or 'none':8s}  owner valid {o.valid!s:5s} "
+              f"(his key on the suspect: −log10 p {row['owner_neg_log10_p']:.1f})  attacker valid {a.valid!s:5s}  "
+              f"({report.reason})", flush=True)
 
     for i, (rank, schedule) in enumerate(configs, start=args.first):
         out = work / f"run{i}"
@@ -112,32 +120,35 @@ def main(argv=None) -> int:
         result["network"].remove()
         release, key = result["lora_path"], result["key_path"]
         owner = ClaimInput(key, stamp(key), file=release)
-        forger = str(adaptive(public_modules(result["diffusers_path"]), 1000 + i).save(out / "forger.sealkey"))
         time.sleep(1.1)  # genTime has 1 s resolution: every other stamp is later than the owner's
-        run_dispute(i, "forger undated", release, owner, ClaimInput(forger))
-        bad = {"forger tampered reply": tampered(stamp(forger), out / "tampered.tsr"),
-               "forger untrusted reply": None, "forger replayed reply": owner.timestamp}
-        bad["forger untrusted reply"] = str(rogue.reply(write_request(forger)[0], out / "rogue.tsr"))
-        for attack, tsr in bad.items():
-            run_dispute(i, attack, release, owner, ClaimInput(forger, tsr))
-        run_dispute(i, "forger stamped later", release, owner, ClaimInput(forger, stamp(forger)))
-        for dtype in ("fp16", "bf16", "int8"):
-            resave = quantize(read_lora(result["diffusers_path"]), dtype).save(out / f"resave-{dtype}")
-            thief = str(adaptive(public_modules(resave), 2000 + i).save(out / f"thief-{dtype}.sealkey"))
-            run_dispute(i, f"thief {dtype} re-save", str(resave), owner, ClaimInput(thief, stamp(thief), file=str(resave)))
-        top = train(parse_args(["--pretrained_model_name_or_path", "tiny", "--instance_data_dir", str(data),
-                                "--instance_prompt", PROMPT, "--output_dir", str(out / "thief"), "--output_name",
-                                "stolen", "--method", "seal", "--init_lora", release, "--max_train_steps",
-                                str(args.thief_steps), "--learning_rate", "1e-3", "--seed", str(3000 + i),
-                                "--cache_latents"]))
-        top["network"].remove()
-        run_dispute(i, "thief SEAL on top", top["lora_path"], owner,
-                    ClaimInput(top["key_path"], stamp(top["key_path"]), file=top["lora_path"]))
+        if "forger" in attacks:
+            forger = str(adaptive(public_modules(result["diffusers_path"]), 1000 + i).save(out / "forger.sealkey"))
+            run_dispute(i, "forger undated", release, owner, ClaimInput(forger))
+            bad = {"forger tampered reply": tampered(stamp(forger), out / "tampered.tsr"),
+                   "forger untrusted reply": None, "forger replayed reply": owner.timestamp}
+            bad["forger untrusted reply"] = str(rogue.reply(write_request(forger)[0], out / "rogue.tsr"))
+            for attack, tsr in bad.items():
+                run_dispute(i, attack, release, owner, ClaimInput(forger, tsr))
+            run_dispute(i, "forger stamped later", release, owner, ClaimInput(forger, stamp(forger)))
+        if "resaves" in attacks:
+            for dtype in ("fp16", "bf16", "int8"):
+                resave = quantize(read_lora(result["diffusers_path"]), dtype).save(out / f"resave-{dtype}")
+                thief = str(adaptive(public_modules(resave), 2000 + i).save(out / f"thief-{dtype}.sealkey"))
+                run_dispute(i, f"thief {dtype} re-save", str(resave), owner, ClaimInput(thief, stamp(thief), file=str(resave)))
+        if "thief" in attacks:
+            top = train(parse_args(["--pretrained_model_name_or_path", "tiny", "--instance_data_dir", str(data),
+                                    "--instance_prompt", PROMPT, "--output_dir", str(out / "thief"), "--output_name",
+                                    "stolen", "--method", "seal", "--init_lora", release, "--max_train_steps",
+                                    str(args.thief_steps), "--learning_rate", "1e-3", "--seed", str(3000 + i),
+                                    "--cache_latents"]))
+            top["network"].remove()
+            run_dispute(i, "thief SEAL on top", top["lora_path"], owner,
+                        ClaimInput(top["key_path"], stamp(top["key_path"]), file=top["lora_path"]))
         if args.json:
             Path(args.json).write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
 
     won = sum(r["winner"] == "owner" for r in rows)
-    print(f"\nthe owner won {won} of {len(rows)} disputes ({len(configs)} owners × 8 attacks)")
+    print(f"\nthe owner won {won} of {len(rows)} disputes ({len(configs)} owners × {args.attacks})")
     by_attack = {}
     for r in rows:
         by_attack.setdefault(r["attack"], []).append(r)

@@ -196,3 +196,32 @@ def test_owner_beats_a_thief_who_trains_seal_on_top(case, tmp_path):
         assert owner.valid and _check(owner, "R1 ownership").passed
         assert thief_c.timestamp > owner.timestamp
         assert "later than" in thief_c.outcome or not thief_c.valid, thief_c.outcome
+
+
+@pytest.mark.parametrize("owner_seed", [100, 101, 102])
+def test_other_owners_keys_detect_a_thiefs_seal_run_on_top(owner_seed, subject_dir, tmp_path):
+    """(e) for owners other than the fixture's (bench_dispute.py's settings: rank 4, 60 steps at 2e-3, seeds 100…):
+    the thief's 30-step SEAL run at 1e-3 on top of the release leaves some modules nearly untouched and moves others
+    by 20–30× the passport's size. Measured on bench_dispute.py's owner 0 (2026-12-04): the old statistic (contrast
+    over ‖Ĉ_m‖) gave −log10 p 2.6 — the owner's R1 failed, no claim was valid —, the per-module t (contrast over
+    the module's own drift, :func:`seal_diffusion.detection.verify.contrast_t`) gives 5.1. The owner's key must
+    detect the thief's file, so that R1 holds and the earlier date decides."""
+    from seal_diffusion.detection.verify import load_suspect, verify
+    from seal_diffusion.training import parse_args, train
+    from small_owner import fixed_scrypt_salt
+
+    common = ["--pretrained_model_name_or_path", "tiny", "--instance_data_dir", str(subject_dir), "--instance_prompt",
+              PROMPT, "--cache_latents"]
+    with fixed_scrypt_salt():
+        owner = train(parse_args(common + ["--output_dir", str(tmp_path / "owner"), "--output_name", "cat", "--rank",
+                                           "4", "--max_train_steps", "60", "--learning_rate", "2e-3", "--seed",
+                                           str(owner_seed), "--secret", f"owner {owner_seed}"]))
+    owner["network"].remove()
+    thief = train(parse_args(common + ["--output_dir", str(tmp_path / "thief"), "--output_name", "stolen", "--method",
+                                       "seal", "--init_lora", owner["lora_path"], "--max_train_steps", "30",
+                                       "--learning_rate", "1e-3", "--seed", str(owner_seed + 2900)]))
+    thief["network"].remove()
+    key = SealKey.load(owner["key_path"])
+    report = verify(key, load_suspect(thief["lora_path"], key, None))
+    assert report.detected, f"owner seed {owner_seed}: −log10 p {report.neg_log10_p:.2f}"
+    assert report.reconstruction_error > 0.1, "the thief's training really moved the weights"

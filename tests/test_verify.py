@@ -14,7 +14,8 @@ from seal_diffusion.core.keyfile import ModuleKey, SealKey
 from seal_diffusion.formats.lora_file import LoraFile, read_lora
 from seal_diffusion.core.network import SealNetwork, find_target_modules
 from seal_diffusion.core.passport import make_passports
-from seal_diffusion.detection.verify import Suspect, neg_log10_p, prepare, recover_passports, sign_flip_neg_log10_p, verify
+from seal_diffusion.detection.verify import (Suspect, contrast_t, neg_log10_p, prepare, recover_passports,
+                                            sign_flip_neg_log10_p, verify)
 
 RANK = 4
 
@@ -251,6 +252,53 @@ def test_null_is_calibrated_over_decoy_keys(owner, statistic):
     assert abs(float(zs.mean())) < 0.25 and 0.8 < float(zs.std()) < 1.2
     assert hits / 200 <= 0.1 + 3 * math.sqrt(0.1 * 0.9 / 200)
     assert hits_strict <= 1  # α = 5e-4: 0.1 expected among 200
+
+
+def test_contrast_t_is_coin_blind_and_keeps_the_sign_of_any_copy():
+    """The per-module t of the default statistic: swapping C and C_p (the release coin) negates it exactly, whatever
+    Ĉ is — so its magnitude is coin-blind and the sign-flip p-value exact; a copy at any positive strength is positive
+    in every module, at a negative strength negative; drift that is the same size in every module leaves t the size
+    a plain z would have."""
+    names = [f"m{i}" for i in range(48)]
+    pp = make_passports(names, RANK, "t statistic")
+    c = torch.stack([pp[n][0] for n in names]).double()
+    c_p = torch.stack([pp[n][1] for n in names]).double()
+    g = torch.Generator().manual_seed(3)
+    for c_hat in (torch.randn(c.shape, generator=g, dtype=torch.float64), c + 5 * torch.randn(c.shape, generator=g,
+                                                                                                dtype=torch.float64)):
+        t = contrast_t(c_hat, c - c_p, (c + c_p) / 2)
+        swapped = contrast_t(c_hat, c_p - c, (c + c_p) / 2)
+        assert torch.equal(t, -swapped) and torch.isfinite(t).all()
+    for s in (0.3, 1.0, 2.5):
+        assert (contrast_t(s * c, c - c_p, (c + c_p) / 2) > 0).all(), s
+    assert (contrast_t(-c, c - c_p, (c + c_p) / 2) < 0).all()
+    assert two_sided(contrast_t(c, c - c_p, (c + c_p) / 2).tolist()) == pytest.approx(47 * math.log10(2), rel=1e-3)
+
+
+def two_sided(d):
+    from seal_diffusion.detection.verify import two_sided_neg_log10_p
+
+    return two_sided_neg_log10_p(d)
+
+
+def test_a_copy_whose_modules_drifted_unequally_is_weighted_by_each_modules_drift(owner):
+    """A thief's training on top of the release moves some modules a little and others far (measured: 0.1× to 30×
+    the passport). Quiet modules must count more than busy ones: with half the modules moved 30× in random
+    directions and half 0.1×, the weight test finds the copy at the floor of the quiet half, at least."""
+    key = owner["key"]
+    g = torch.Generator().manual_seed(5)
+    factors, quiet_names = {}, set(list(key.modules)[::2])
+    for name, mk in key.modules.items():
+        c = mk.passport.double()
+        drift = torch.randn(c.shape, generator=g, dtype=torch.float64)
+        drift *= (0.1 if name in quiet_names else 30.0) * float(c.norm()) / float(drift.norm())
+        up = (mk.lora_B.double() @ (c + drift) * key.scale).float()
+        factors[name] = (mk.lora_A.clone(), up)
+    report = verify(key, Suspect("drifted", "kohya", factors=factors))
+    assert report.detected and report.neg_log10_p >= 23 * math.log10(2) - 0.3, report.neg_log10_p
+    quiet = [m.stat for m in report.per_module if m.module in quiet_names]
+    busy = [abs(m.stat) for m in report.per_module if m.module not in quiet_names]
+    assert min(quiet) > 0 and min(quiet) > 5 * max(busy)
 
 
 def test_innocent_random_loras_not_detected(owner):

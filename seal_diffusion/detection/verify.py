@@ -13,11 +13,14 @@ leaves Ĉ unchanged.
 training does a secret per-module coin decide which one is released as C (the other is kept as C_p,
 :func:`seal_diffusion.core.passport.release_swap`). For a suspect that does not derive from the release — even a LoRA
 trained on the same subject from the same base, which shares structure with *both* passports through B and A — the
-labels are therefore a fair coin per module, so the per-module contrast
+labels are therefore a fair coin per module, so the per-module contrast (:func:`contrast_t`)
 
-    d_m = ⟨Ĉ_m, C_m − C_p,m⟩ / (σ√2 · ‖Ĉ_m‖)
+    d_m = ⟨Ĉ_m, D_m⟩ / (‖D_m‖ · τ_m),  D_m = C_m − C_p,m,  τ_m² = ‖P⊥(Ĉ_m − (C_m + C_p,m)/2)‖² / (r² − 1)
 
-has a sign that is +/− with probability ½, independently across modules, whatever its size. The p-value is the exact
+has a sign that is +/− with probability ½, independently across modules, whatever its size; its size does not depend
+on the coin (τ_m, the module's own drift measured orthogonally to D_m from the pair's midpoint, is the same for either
+labelling), so busy modules of a copy that was trained on count less than quiet ones. Rank ≤ 2 (fewer than
+:data:`MIN_T_ENTRIES` entries) keeps d_m = ⟨Ĉ_m, D_m⟩ / (σ√2 · ‖Ĉ_m‖). The p-value is the exact
 two-sided randomisation tail 2·min(P(S ≥ Σ d_m), P(S ≤ Σ d_m)), S = Σ ε_m |d_m| over fair signs ε_m, computed by
 dynamic programming on a grid that rounds in the conservative direction (:func:`two_sided_neg_log10_p`): a file meant
 to be loaded at a negative strength (up-weights negated) has every d_m < 0 and is found too. Nothing about "typical"
@@ -167,6 +170,31 @@ def pool(zs: list[float], groups: list[bytes]) -> float:
     return sum(means) / math.sqrt(len(means))
 
 
+MIN_T_ENTRIES = 9  # passports with fewer entries (rank ≤ 2) leave too few directions to estimate the noise from
+_T_FLOOR = 1e-12  # τ² floor, relative to ‖C − C_p‖²/n: an untouched copy (τ = 0) gets a huge, finite t
+
+
+def contrast_t(c_hat: torch.Tensor, contrast: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
+    """Per module, the contrast in units of that module's own noise (the ``contrast`` statistic; stacked r×r inputs).
+
+    t_m = ⟨Ĉ_m, D_m⟩ / (‖D_m‖·τ_m), D = C − C_p, with τ_m² = ‖P⊥(Ĉ_m − M_m)‖²/(n − 1): the noise per entry, estimated
+    from the n − 1 directions orthogonal to D_m of Ĉ_m's distance to the pair's midpoint M = (C + C_p)/2. M, the
+    direction ±D and its orthogonal complement do not change when C and C_p swap, so |t_m| is coin-blind and the
+    sign-flip p-value stays exact; for a copy with noise (fine-tuning, a thief's training on top, quantisation) τ_m
+    measures how far that module drifted, so quiet modules count more than busy ones. (For a copy at strength s,
+    P⊥(sC − M) = (s − 1)·P⊥C: zero for an untouched copy, whose t is then huge and positive.)
+    """
+    n = contrast[0].numel()
+    dn2 = (contrast * contrast).sum((1, 2))
+    dnorm = dn2.sqrt()
+    x = c_hat - mid
+    par = (x * contrast).sum((1, 2)) / torch.where(dnorm > 0, dnorm, 1.0)
+    perp2 = ((x * x).sum((1, 2)) - par * par).clamp_min(0.0)
+    tau2 = perp2 / (n - 1) + _T_FLOOR * dn2 / n
+    t = (c_hat * contrast).sum((1, 2)) / (dnorm * tau2.sqrt())
+    return torch.where(torch.isfinite(t) & (dnorm > 0), t, 0.0)
+
+
 def verify(
     key: SealKey | PreparedKey,
     suspect: Suspect,
@@ -189,11 +217,15 @@ def verify(
     ref_sigma = prep.sigma if statistic == "correlation" else prep.sigma * math.sqrt(2.0)
     refs = prep.references(statistic)
     z_of: dict[str, float] = {}
-    for shape, idx, c_hat in parts:  # z_m = ⟨Ĉ_m, reference_m⟩ / (σ_ref‖Ĉ_m‖), one batched product per group
+    for shape, idx, c_hat in parts:  # one batched product per group
         ref = refs[shape] if len(idx) == len(prep.groups[shape]) else refs[shape][idx]
-        norms = torch.linalg.vector_norm(c_hat, dim=(1, 2))
-        ok = (norms > 0) & torch.isfinite(norms)
-        z = torch.where(ok, (c_hat * ref).sum((1, 2)) / (ref_sigma * norms), 0.0)
+        if statistic == "contrast" and ref[0].numel() >= MIN_T_ENTRIES:
+            mid = (prep.c[shape] if len(idx) == len(prep.groups[shape]) else prep.c[shape][idx]) - ref / 2
+            z = contrast_t(c_hat, ref, mid)
+        else:  # z_m = ⟨Ĉ_m, reference_m⟩ / (σ_ref‖Ĉ_m‖)
+            norms = torch.linalg.vector_norm(c_hat, dim=(1, 2))
+            ok = (norms > 0) & torch.isfinite(norms)
+            z = torch.where(ok, (c_hat * ref).sum((1, 2)) / (ref_sigma * norms), 0.0)
         z_of.update(zip((prep.groups[shape][i] for i in idx), z.tolist()))
     names = [n for n in prep.where if n in z_of]  # key order
     zs = [z_of[n] for n in names]

@@ -10,8 +10,8 @@
 * **Innocents** — decoy keys, random LoRAs of the release's shapes, and the detected fraction with a one-sided 95 %
   Clopper–Pearson upper bound.
 
-**Weighted pooling stays exact.** The default test is the sign-flip test on d_m = ⟨Ĉ_m, C_m − C_p,m⟩/(σ√2‖Ĉ_m‖)
-(:mod:`seal_diffusion.detection.verify`). Under H0 the release coin makes the labels (C, C_p) of each module a fair coin given
+**Weighted pooling stays exact.** The default test is the sign-flip test on the per-module contrast d_m
+(:func:`seal_diffusion.detection.verify.contrast_t`). Under H0 the release coin makes the labels (C, C_p) of each module a fair coin given
 everything else, and swapping them flips the sign of d_m. So for **any** weights w_m ≥ 0 that are functions of the
 suspect, B, A and the *unordered* pair {C_m, C_p,m} (hence unchanged by a swap), Σ w_m d_m has exactly the law of
 Σ ε_m w_m |d_m| and :func:`~seal_diffusion.detection.verify.sign_flip_neg_log10_p` on (w_m d_m) is an exact p-value. Weights built
