@@ -230,7 +230,10 @@ def verify(
     names = [n for n in prep.where if n in z_of]  # key order
     zs = [z_of[n] for n in names]
     n_entries = sum(c_hat.numel() for _, _, c_hat in parts)
-    module_nlp = _neg_log10_sf(torch.tensor(zs, dtype=torch.float64)).tolist()  # vectorised: one call, not one per module
+    # per-layer evidence (not a test by itself): the Gaussian tail of d_m, vectorised; capped at the whole file's floor,
+    # since an untouched layer's t is ~1e6 (its tail ~1e11) and no single layer can say more than the exact test can
+    cap = (len(zs) - 1) * math.log10(2.0) if statistic == "contrast" else float("inf")
+    module_nlp = _neg_log10_sf(torch.tensor(zs, dtype=torch.float64)).clamp(max=cap).tolist()
     per_module = [ModuleResult(n, z, float(p)) for n, z, p in zip(names, zs, module_nlp)]
     if not zs:
         present = f"; present but not tested: {'; '.join(suspect.not_tested)}" if suspect.not_tested else ""
