@@ -14,7 +14,7 @@ from seal_diffusion.core.keyfile import ModuleKey, SealKey
 from seal_diffusion.formats.lora_file import LoraFile, read_lora
 from seal_diffusion.core.network import SealNetwork, find_target_modules
 from seal_diffusion.core.passport import make_passports
-from seal_diffusion.detection.verify import (Suspect, contrast_t, neg_log10_p, prepare, recover_passports,
+from seal_diffusion.detection.verify import (T_CAP, Suspect, contrast_t, neg_log10_p, prepare, recover_passports,
                                             sign_flip_neg_log10_p, verify)
 
 RANK = 4
@@ -298,7 +298,19 @@ def test_a_copy_whose_modules_drifted_unequally_is_weighted_by_each_modules_drif
     assert report.detected and report.neg_log10_p >= 23 * math.log10(2) - 0.3, report.neg_log10_p
     quiet = [m.stat for m in report.per_module if m.module in quiet_names]
     busy = [abs(m.stat) for m in report.per_module if m.module not in quiet_names]
-    assert min(quiet) > 0 and min(quiet) > 5 * max(busy)
+    assert min(quiet) > 3 * max(busy) and max(quiet) <= T_CAP
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "int8"])
+def test_a_resave_of_a_rank_32_release_reaches_the_floor(tmp_path, dtype):
+    """Every module of a re-saved copy leans the released way; the float rounding differs by module, so the t of a
+    near-exact copy spans orders of magnitude. The cap on |t| keeps them all in the test (measured without it on a
+    shipped-defaults rank-32 key: fp16 11.7, bf16 10.8, int8 11.5 instead of the floor 14.1)."""
+    o = small_owner(tmp_path, "rank 32", rank=32)
+    key = o["key"]
+    resaved = attacks.FILE_ATTACKS["quantize"](read_lora(o["kohya"]), dtype=dtype)
+    report = verify(key, _suspect(resaved, key))
+    assert report.neg_log10_p == pytest.approx(47 * math.log10(2), rel=1e-3), report.neg_log10_p
 
 
 def test_innocent_random_loras_not_detected(owner):

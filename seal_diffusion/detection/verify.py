@@ -171,7 +171,13 @@ def pool(zs: list[float], groups: list[bytes]) -> float:
 
 
 MIN_T_ENTRIES = 9  # passports with fewer entries (rank ≤ 2) leave too few directions to estimate the noise from
-_T_FLOOR = 1e-12  # τ² floor, relative to ‖C − C_p‖²/n: an untouched copy (τ = 0) gets a huge, finite t
+T_FLOOR = 1e-3  # τ_m ≥ 10⁻³ × the RMS of D_m: an untouched copy (τ = 0) gets a finite t
+# |t_m| is capped here: a module 10 of its own noise units along D is as certain as a module can be. Without it the t of
+# near-exact copies spans 10²–10⁵ (the float rounding of a re-save differs by module: measured on a rank-32 key, fp16
+# 11.7, bf16 10.8 instead of the floor 14.1), and the sign-flip test's grid (1000 steps of the largest |d|) drops the
+# small ones. Measured (benchmarks/bench_drift_statistic.py's suspects): caps 10–50 score the same to ±0.1 everywhere
+# else; 5 loses up to 0.9 on thieves.
+T_CAP = 10.0
 
 
 def contrast_t(c_hat: torch.Tensor, contrast: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
@@ -182,7 +188,8 @@ def contrast_t(c_hat: torch.Tensor, contrast: torch.Tensor, mid: torch.Tensor) -
     direction ±D and its orthogonal complement do not change when C and C_p swap, so |t_m| is coin-blind and the
     sign-flip p-value stays exact; for a copy with noise (fine-tuning, a thief's training on top, quantisation) τ_m
     measures how far that module drifted, so quiet modules count more than busy ones. (For a copy at strength s,
-    P⊥(sC − M) = (s − 1)·P⊥C: zero for an untouched copy, whose t is then huge and positive.)
+    P⊥(sC − M) = (s − 1)·P⊥C: zero for an untouched copy; τ_m is floored at :data:`T_FLOOR` × the RMS of D_m, and
+    |t_m| capped at :data:`T_CAP` — both coin-blind.)
     """
     n = contrast[0].numel()
     dn2 = (contrast * contrast).sum((1, 2))
@@ -190,8 +197,8 @@ def contrast_t(c_hat: torch.Tensor, contrast: torch.Tensor, mid: torch.Tensor) -
     x = c_hat - mid
     par = (x * contrast).sum((1, 2)) / torch.where(dnorm > 0, dnorm, 1.0)
     perp2 = ((x * x).sum((1, 2)) - par * par).clamp_min(0.0)
-    tau2 = perp2 / (n - 1) + _T_FLOOR * dn2 / n
-    t = (c_hat * contrast).sum((1, 2)) / (dnorm * tau2.sqrt())
+    tau2 = torch.maximum(perp2 / (n - 1), (T_FLOOR ** 2) * dn2 / n)
+    t = ((c_hat * contrast).sum((1, 2)) / (dnorm * tau2.sqrt())).clamp(-T_CAP, T_CAP)
     return torch.where(torch.isfinite(t) & (dnorm > 0), t, 0.0)
 
 
@@ -230,10 +237,7 @@ def verify(
     names = [n for n in prep.where if n in z_of]  # key order
     zs = [z_of[n] for n in names]
     n_entries = sum(c_hat.numel() for _, _, c_hat in parts)
-    # per-layer evidence (not a test by itself): the Gaussian tail of d_m, vectorised; capped at the whole file's floor,
-    # since an untouched layer's t is ~1e6 (its tail ~1e11) and no single layer can say more than the exact test can
-    cap = (len(zs) - 1) * math.log10(2.0) if statistic == "contrast" else float("inf")
-    module_nlp = _neg_log10_sf(torch.tensor(zs, dtype=torch.float64)).clamp(max=cap).tolist()
+    module_nlp = _neg_log10_sf(torch.tensor(zs, dtype=torch.float64)).tolist()  # vectorised: one call, not one per module
     per_module = [ModuleResult(n, z, float(p)) for n, z, p in zip(names, zs, module_nlp)]
     if not zs:
         present = f"; present but not tested: {'; '.join(suspect.not_tested)}" if suspect.not_tested else ""
