@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from seal_diffusion.attacks import file_attacks as fa
     from seal_diffusion.core.keyfile import SealKey
-    from seal_diffusion.detection.recovery import recover_passports, two_sided_neg_log10_p
+    from seal_diffusion.detection.recovery import passport_std, recover_passports, two_sided_neg_log10_p
     from seal_diffusion.detection.verify import contrast_t, load_suspect, lora_suspect
     from seal_diffusion.formats.lora_file import read_lora
     from seal_diffusion.models.subject import write_photo_subject, write_subject
@@ -69,8 +69,7 @@ def main(argv=None) -> int:
     def both(key, suspect) -> tuple[float, float]:
         c_hat = recover_passports(key, suspect)
         old, new = [], []
-        sigma = math.sqrt(sum(float(mk.passport.double().pow(2).sum() + mk.passport_p.double().pow(2).sum())
-                              for mk in key.modules.values()) / sum(2 * mk.passport.numel() for mk in key.modules.values()))
+        sigma = passport_std(key)
         for name, c in c_hat.items():
             mk = key.modules[name]
             cc, cp, c = mk.passport.double(), mk.passport_p.double(), c.double()
