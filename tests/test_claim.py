@@ -34,6 +34,27 @@ def test_forged_second_passports_fail(owner_run, mode, gamma):
     assert not report.accepted, report.summary()
 
 
+def test_r2_is_measured_once_per_passport_weights(owner_run, monkeypatch):
+    """R2's losses and images depend on (A, B, one passport), the base and the images: checking the same key again
+    measures nothing; a key that differs only in C_p measures only C_p (one loss, one image batch)."""
+    from seal_diffusion.ownership import claim
+
+    calls = []
+    real_loss, real_generate = claim.heldout_denoising_loss, claim.generate
+    monkeypatch.setattr(claim, "heldout_denoising_loss", lambda *a, **k: calls.append(a[4]) or real_loss(*a, **k))
+    monkeypatch.setattr(claim, "generate", lambda *a, **k: calls.append("images") or real_generate(*a, **k))
+    first = _check(owner_run, owner_run["key"]).measurements
+    calls.clear()
+    again = _check(owner_run, owner_run["key"]).measurements
+    assert calls == [] and again["loss"] == first["loss"] and again["ssim_C_Cp"] == first["ssim_C_Cp"]
+    forged = forge_passport_p(owner_run["key"], "gamma", 0.5, seed=17)
+    report = _check(owner_run, forged)
+    assert sorted(calls) == ["C_p", "images"], calls
+    m = report.measurements
+    assert m["loss"]["C"] == first["loss"]["C"] and m["loss"]["off"] == first["loss"]["off"]
+    assert m["loss"]["C_p"] != first["loss"]["C_p"] and m["ssim_C_Cp"] != first["ssim_C_Cp"]
+
+
 def test_wrong_commitment_and_trivial_claims_fail(owner_run):
     key = owner_run["key"]
     report = _check(owner_run, key, commitment="0" * 64)

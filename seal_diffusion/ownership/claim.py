@@ -16,6 +16,7 @@ holds only the release can reproduce it (R1) with an invented C but has no C_p t
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from ..models.base_model import load_pipeline
 from ..errors import UserError
 from ..evaluation.heldout import heldout_batch, heldout_denoising_loss
 from .forgery import fit_passport_p
+from .genuine import base_fingerprint, data_fingerprint
 from ..core.keyfile import ModuleKey, SealKey
 from ..evaluation.metrics import mean_std, psnr, ssim
 from ..core.passport import make_passports, pair_problem
@@ -60,23 +62,64 @@ class ClaimReport:
         return "\n".join(lines)
 
 
+# fidelity_measurements' pieces within one process, each by what it depends on: a loss or an image batch with one
+# passport depends on (A, B, that passport), the base's weights, the subject images and the settings — not on the other
+# passport. So checking a second claim with the same key measures nothing again, and a claim that differs only in C_p
+# (a forged second passport) measures only C_p. The base counts by its weights' fingerprint (as genuine.function_measures).
+_FIDELITY: dict[tuple, object] = {}
+_FIDELITY_MAX = 64
+_LOSS_MODES = ("C", "C_p", "identity", "off")
+
+
+def _mode_fingerprint(key: SealKey, mode: str) -> str:
+    """SHA-256 of the weights a network built from ``key`` runs with in ``mode`` (``off``: none)."""
+    if mode == "off":
+        return "off"
+    h = hashlib.sha256(repr((key.rank, key.scale)).encode())
+    eye = torch.eye(key.rank)
+    for name in sorted(key.modules):
+        mk = key.modules[name]
+        passport = {"C": mk.passport, "C_p": mk.passport_p}.get(mode, eye)
+        h.update(name.encode())
+        for t in (mk.lora_A, mk.lora_B, passport):
+            h.update(repr(tuple(t.shape)).encode())
+            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def fidelity_measurements(key: SealKey, base, data: str | os.PathLike, prompt: str, *, seeds=(0, 1, 2, 3),
                           steps: int = 10, config=None) -> dict:
-    """Held-out denoising loss for C, C_p, ∅ and the base, and SSIM/PSNR of C_p vs C images from fixed seeds."""
+    """Held-out denoising loss for C, C_p, ∅ and the base, and SSIM/PSNR of C_p vs C images from fixed seeds.
+
+    Each loss and image batch is measured once per process for the same weights, base, images and settings (above).
+    """
     pipe = base if not isinstance(base, (str, os.PathLike)) else load_pipeline(base, config=config)
-    latents, ehs = heldout_batch(pipe, data, prompt)
-    net = network_from_key(key, pipe)
-    try:
-        losses = {m: heldout_denoising_loss(pipe.unet, net, latents, ehs, m) for m in ("C", "C_p", "identity", "off")}
-        size = default_size(pipe)
-        jobs = [(prompt, s) for s in seeds]
-        gen = dict(steps=steps, guidance_scale=1.0, height=size, width=size)
-        with net.passport("C"):
-            img_c = generate(pipe, jobs, **gen)
-        with net.passport("C_p"):
-            img_p = generate(pipe, jobs, **gen)
-    finally:
-        net.remove()
+    common = (base_fingerprint(base, config), data_fingerprint(data), prompt, tuple(seeds), steps)
+    memo = {(what, mode): (what, _mode_fingerprint(key, mode)) + common
+            for what, modes in (("loss", _LOSS_MODES), ("images", ("C", "C_p"))) for mode in modes}
+    missing = [wm for wm, m in memo.items() if m not in _FIDELITY]
+    if missing:
+        net = network_from_key(key, pipe)
+        try:
+            if any(what == "loss" for what, _ in missing):
+                latents, ehs = heldout_batch(pipe, data, prompt)
+            size = default_size(pipe)
+            jobs = [(prompt, s) for s in seeds]
+            for what, mode in missing:
+                if memo[what, mode] in _FIDELITY:  # e.g. C = C_p: the same weights, measured a moment ago
+                    continue
+                if what == "loss":
+                    value = heldout_denoising_loss(pipe.unet, net, latents, ehs, mode)
+                else:
+                    with net.passport(mode):
+                        value = generate(pipe, jobs, steps=steps, guidance_scale=1.0, height=size, width=size)
+                if len(_FIDELITY) >= _FIDELITY_MAX:
+                    _FIDELITY.pop(next(iter(_FIDELITY)))
+                _FIDELITY[memo[what, mode]] = value
+        finally:
+            net.remove()
+    losses = {m: _FIDELITY[memo["loss", m]] for m in _LOSS_MODES}
+    img_c, img_p = _FIDELITY[memo["images", "C"]], _FIDELITY[memo["images", "C_p"]]
     improvement = losses["off"] - losses["C"]
     gap = (losses["C_p"] - losses["C"]) / improvement if improvement > 1e-12 else float("inf")
     return {

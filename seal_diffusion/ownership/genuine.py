@@ -117,7 +117,8 @@ _MEASURED: dict[tuple, dict] = {}
 _MEASURED_MAX = 32
 
 
-def _base_fingerprint(base, config) -> tuple:
+def base_fingerprint(base, config) -> tuple:
+    """What a memo of measurements on ``base`` is keyed by: the model spec, or a loaded pipeline's UNet weights."""
     if isinstance(base, (str, os.PathLike)):
         return ("spec", str(base), str(config))
     params = list(base.unet.parameters())  # a LoRA adapter loaded on it adds parameters; a fused one moves the sum
@@ -126,7 +127,9 @@ def _base_fingerprint(base, config) -> tuple:
     return ("pipeline", id(base), len(params), total)
 
 
-def _data_fingerprint(data) -> tuple:
+def data_fingerprint(data) -> tuple:
+    """What a memo of measurements on the subject images in ``data`` is keyed by: the folder and its files' sizes and
+    modification times (a changed, added or removed image is measured again)."""
     folder = os.fspath(data)
     try:
         return (folder, tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(folder))))
@@ -142,7 +145,7 @@ def function_measures(key: SealKey, base, data: str | os.PathLike, prompt: str, 
     passports' doing. ``base``: a pipeline or a model spec (``tiny``, a folder, …). Measured once per process for the
     same key, base weights, subject images and settings (a copy of the result is returned).
     """
-    memo = (key.commitment(), _base_fingerprint(base, config), _data_fingerprint(data), prompt, n_timesteps, seed)
+    memo = (key.commitment(), base_fingerprint(base, config), data_fingerprint(data), prompt, n_timesteps, seed)
     if memo not in _MEASURED:
         if len(_MEASURED) >= _MEASURED_MAX:
             _MEASURED.pop(next(iter(_MEASURED)))
