@@ -56,27 +56,31 @@ def test_r2_is_measured_once_per_key_base_and_images(owner, monkeypatch, tmp_pat
     monkeypatch.setattr(genuine, "_function_measures", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(genuine, "_MEASURED", {})
     key, pipe = owner["key"], owner["pipe"]
-    first = genuine.function_measures(key, pipe, owner["data"], PROMPT)
+
+    def measure(k, p, d):
+        return genuine.function_measures(k, p, d, PROMPT, n_timesteps=1)
+
+    first = measure(key, pipe, owner["data"])
     first["loss"]["C"] = -1.0  # the caller's copy: the memo is not changed through it
-    again = genuine.function_measures(key, pipe, owner["data"], PROMPT)
+    again = measure(key, pipe, owner["data"])
     assert len(calls) == 1 and again["loss"]["C"] > 0 and again["loss_gap"] == first["loss_gap"]
     other = forge(owner["public"], "flip", seed=3)
-    genuine.function_measures(other, pipe, owner["data"], PROMPT)
+    measure(other, pipe, owner["data"])
     assert len(calls) == 2, "another key is measured"
     data = shutil.copytree(owner["data"], tmp_path / "data")
-    genuine.function_measures(key, pipe, data, PROMPT)
+    measure(key, pipe, data)
     assert len(calls) == 3, "other images are measured"
-    genuine.function_measures(key, pipe, data, PROMPT)
+    measure(key, pipe, data)
     assert len(calls) == 3
     next(data.iterdir()).unlink()
-    genuine.function_measures(key, pipe, data, PROMPT)
+    measure(key, pipe, data)
     assert len(calls) == 4, "changed images are measured again"
     weight = pipe.unet.conv_in.weight
     saved = weight.detach().clone()
     with torch.no_grad():
         weight.add_(1e-3)
     try:
-        changed = genuine.function_measures(key, pipe, owner["data"], PROMPT)
+        changed = measure(key, pipe, owner["data"])
     finally:
         with torch.no_grad():
             weight.copy_(saved)
