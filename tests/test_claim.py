@@ -37,6 +37,7 @@ def test_forged_second_passports_fail(owner_run, mode, gamma):
 def test_r2_is_measured_once_per_passport_weights(owner_run, monkeypatch):
     """R2's losses and images depend on (A, B, one passport), the base and the images: checking the same key again
     measures nothing; a key that differs only in C_p measures only C_p (one loss, one image batch)."""
+    from seal_diffusion.detection.image_sampler import challenge_scheduler
     from seal_diffusion.ownership import claim
 
     calls = []
@@ -53,6 +54,10 @@ def test_r2_is_measured_once_per_passport_weights(owner_run, monkeypatch):
     m = report.measurements
     assert m["loss"]["C"] == first["loss"]["C"] and m["loss"]["off"] == first["loss"]["off"]
     assert m["loss"]["C_p"] != first["loss"]["C_p"] and m["ssim_C_Cp"] != first["ssim_C_Cp"]
+    calls.clear()
+    with challenge_scheduler(owner_run["base"], "DDIMScheduler"):  # the images depend on the sampler, the losses not
+        _check(owner_run, owner_run["key"])
+    assert calls == ["images", "images"], calls
 
 
 def test_wrong_commitment_and_trivial_claims_fail(owner_run):

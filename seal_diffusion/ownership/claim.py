@@ -63,9 +63,10 @@ class ClaimReport:
 
 
 # fidelity_measurements' pieces within one process, each by what it depends on: a loss or an image batch with one
-# passport depends on (A, B, that passport), the base's weights, the subject images and the settings — not on the other
-# passport. So checking a second claim with the same key measures nothing again, and a claim that differs only in C_p
-# (a forged second passport) measures only C_p. The base counts by its weights' fingerprint (as genuine.function_measures).
+# passport depends on (A, B, that passport), the base's weights, the subject images and the settings (the images also
+# on the pipeline's scheduler) — not on the other passport. So checking a second claim with the same key measures
+# nothing again, and a claim that differs only in C_p (a forged second passport) measures only C_p. The base counts by
+# its weights' fingerprint (as genuine.function_measures).
 _FIDELITY: dict[tuple, object] = {}
 _FIDELITY_MAX = 64
 _LOSS_MODES = ("C", "C_p", "identity", "off")
@@ -94,9 +95,10 @@ def fidelity_measurements(key: SealKey, base, data: str | os.PathLike, prompt: s
     Each loss and image batch is measured once per process for the same weights, base, images and settings (above).
     """
     pipe = base if not isinstance(base, (str, os.PathLike)) else load_pipeline(base, config=config)
-    common = (base_fingerprint(base, config), data_fingerprint(data), prompt, tuple(seeds), steps)
-    memo = {(what, mode): (what, _mode_fingerprint(key, mode)) + common
-            for what, modes in (("loss", _LOSS_MODES), ("images", ("C", "C_p"))) for mode in modes}
+    common = (base_fingerprint(base, config), data_fingerprint(data), prompt)
+    sampler = (type(pipe.scheduler).__name__, repr(sorted(dict(pipe.scheduler.config).items())), tuple(seeds), steps)
+    memo = {("loss", m): ("loss", _mode_fingerprint(key, m)) + common for m in _LOSS_MODES}
+    memo.update({("images", m): ("images", _mode_fingerprint(key, m)) + common + sampler for m in ("C", "C_p")})
     missing = [wm for wm, m in memo.items() if m not in _FIDELITY]
     if missing:
         net = network_from_key(key, pipe)
