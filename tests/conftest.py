@@ -51,29 +51,56 @@ def subject_dir(tmp_path_factory):
     return write_subject(tmp_path_factory.mktemp("subject"))
 
 
-@pytest.fixture(scope="session")
-def owner_training(tmp_path_factory, subject_dir):
-    """One small SEAL DreamBooth run on the tiny model (rank 4, 60 steps, fixed seed and secret), shared by the claim
-    and robustness tests. Returns the trainer's result with its network removed: ``pipeline`` is the clean base."""
+def _built_once(tmp_path_factory, name: str, build):
+    """``build(folder)`` once per test session, shared by pytest-xdist's workers: the first worker to need it builds
+    into the session's shared folder, the others wait and read what it wrote (every build is seeded, so the result is
+    the same whichever worker makes it). ``build`` returns ``(result, kept)``: ``kept`` (JSON) is what the others get;
+    the builder gets ``result``."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
-        return _train_owner(tmp_path_factory.mktemp("owner"), subject_dir)
-    # pytest-xdist: the first worker to need it trains into the session's shared folder, the others wait and read
-    # its files (the run is the same, seeded, either way); only the clean base pipeline is each worker's own
+        return build(tmp_path_factory.mktemp(name))[0]
     import json
 
     from filelock import FileLock
 
-    from seal_diffusion.models.base_model import load_pipeline
-
     shared = tmp_path_factory.getbasetemp().parent
-    done = shared / "owner_training.json"
-    with FileLock(str(shared / "owner_training.lock")):
+    done = shared / f"{name}.json"
+    with FileLock(str(shared / f"{name}.lock")):
         if not done.exists():
-            result = _train_owner(shared / "owner", subject_dir)
-            kept = {k: v for k, v in result.items() if k not in ("network", "pipeline")}
+            result, kept = build(shared / name)
             done.write_text(json.dumps(kept, default=str))
             return result
-    return dict(json.loads(done.read_text()), pipeline=load_pipeline("tiny"))
+    return json.loads(done.read_text())
+
+
+@pytest.fixture(scope="session")
+def owner_training(tmp_path_factory, subject_dir):
+    """One small SEAL DreamBooth run on the tiny model (rank 4, 60 steps at 32 px, fixed seed and secret), shared by
+    the claim, dispute, functional, robustness and output tests (built once for all workers). Returns the trainer's
+    result with its network removed: ``pipeline`` is the clean base (each worker's own)."""
+    from seal_diffusion.models.base_model import load_pipeline
+
+    def build(out):
+        result = _train_owner(out, subject_dir)
+        return result, {k: v for k, v in result.items() if k not in ("network", "pipeline")}
+
+    result = _built_once(tmp_path_factory, "owner", build)
+    return result if "pipeline" in result else dict(result, pipeline=load_pipeline("tiny"))
+
+
+@pytest.fixture(scope="session")
+def distilled_copy(owner_training, tmp_path_factory) -> dict:
+    """``attack distill`` of the owner's release, short (150 steps on 16×16 latents, rank 4): a copy that keeps the
+    function but not the weights, shared by the function-level and suspect-reader tests. ``path`` and ``fidelity``."""
+    from seal_diffusion.attacks.distill import distill_lora
+
+    def build(out):
+        out.mkdir(parents=True, exist_ok=True)
+        res = distill_lora(owner_training["lora_path"], out / "copy.safetensors", steps=150, rank=4, batch=2,
+                           latent_size=16, fidelity_inputs=8)
+        kept = dict(path=str(res.path), fidelity=res.fidelity)
+        return kept, kept
+
+    return _built_once(tmp_path_factory, "distilled", build)
 
 
 def _train_owner(out, subject_dir) -> dict:
@@ -82,6 +109,7 @@ def _train_owner(out, subject_dir) -> dict:
     args = parse_args(["--pretrained_model_name_or_path", "tiny", "--instance_data_dir", str(subject_dir),
                        "--instance_prompt", "a photo of sks cat", "--output_dir", str(out), "--output_name", "cat",
                        "--rank", "4", "--max_train_steps", "60", "--learning_rate", "2e-3", "--seed", "0",
+                       "--resolution", "32",  # the tiny default is 64 px: 4× the tokens, ~6× the step time
                        "--cache_latents", "--secret", "claim test"])
     with fixed_scrypt_salt():
         result = train(args)

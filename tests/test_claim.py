@@ -104,7 +104,7 @@ def test_same_subject_innocents_are_not_accused(owner_run, tmp_path, method, see
     args = parse_args(["--pretrained_model_name_or_path", "tiny", "--instance_data_dir", str(owner_run["data"]),
                        "--instance_prompt", "a photo of sks cat", "--output_dir", str(tmp_path), "--output_name",
                        "other", "--method", method, "--rank", "4", "--max_train_steps", "60",
-                       "--learning_rate", "2e-3", "--seed", str(seed), "--cache_latents"])
+                       "--learning_rate", "2e-3", "--seed", str(seed), "--cache_latents", "--resolution", "32"])
     result = train(args)
     result["network"].remove()
     report = verify_path(owner_run["key"], result["lora_path"])

@@ -81,7 +81,7 @@ def test_kohya_metadata_is_complete_computed_as_kohya_and_leaks_nothing(owner_tr
     missing = [f for f in NEW_FIELDS if f not in meta]
     assert not missing, missing
     assert meta["modelspec.sai_model_spec"] == "1.0.1" and meta["modelspec.implementation"] == "diffusers"
-    assert meta["ss_resolution"] == "(64, 64)" and meta["modelspec.resolution"] == "64x64"
+    assert meta["ss_resolution"] == "(32, 32)" and meta["modelspec.resolution"] == "32x32"  # the fixture trains at 32
     assert meta["modelspec.prediction_type"] == "epsilon" and meta["ss_num_train_images"] == "8"
     # the trigger word on its own too: A1111 suggests a LoRA's most frequent tags
     assert json.loads(meta["ss_tag_frequency"]) == {"instance": {"a photo of sks cat": 8, "sks": 8}}

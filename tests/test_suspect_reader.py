@@ -99,13 +99,9 @@ def fx(owner_training, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def copy(fx):
-    """A distilled copy of the release (short run: 150 steps on 16×16 latents)."""
-    from seal_diffusion.attacks.distill import distill_lora
-
-    res = distill_lora(fx["release"], fx["dir"] / "copy.safetensors", steps=150, rank=4, batch=2, latent_size=16,
-                       fidelity_inputs=8)
-    return str(res.path)
+def copy(distilled_copy):
+    """A distilled copy of the release (conftest: 150 steps on 16×16 latents, shared with the function-level tests)."""
+    return distilled_copy["path"]
 
 
 def _functional(fx, paths, strengths=None) -> float:
