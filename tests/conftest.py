@@ -27,6 +27,22 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
+# The longest files first (measured with --durations; one worker runs a whole file under --dist loadfile): two workers
+# that start with the long files end together, instead of one idling while the other runs a long file picked last.
+_LONG_FILES = ("test_demo.py", "test_ui_browser.py", "test_image_check.py", "test_claim.py", "test_dispute.py",
+               "test_robustness.py", "test_functional.py", "test_training.py", "test_seal_core.py", "test_sdxl.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # xdist would order the files by their number of tests instead
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(_LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+
+
 @pytest.fixture(scope="session")
 def tiny_dir():
     """The cached diffusers folder of the embedded default (built once per test session)."""
