@@ -3,7 +3,7 @@ shipped t_m = ⟨Ĉ_m, D_m⟩/(‖D_m‖·τ_m) (:func:`seal_diffusion.detection
 passports. Both feed the same exact two-sided sign-flip test, so both are valid; this measures which has more power.
 
 Per subject (the bundled cat, ``skimage.data.coffee()``, ``astronaut()``) it trains an owner (tiny, rank 4, 60 steps at
-2e-3, the test fixture's settings) and, as innocents, a plain LoRA and a SEAL LoRA under another secret (same subject,
+2e-3 at 64 px, the test fixture's settings but its 32 px) and, as innocents, a plain LoRA and a SEAL LoRA under another secret (same subject,
 same seed); then
 
 * thieves: SEAL runs on top of the release (``--method seal --init_lora``, the cat images, as a thief with his own

@@ -3,7 +3,7 @@
 
 Power — −log10 p against the number of secret probes (the curve), for the release and any other suspects you pass
 (distilled copies, innocents); both statistics (``ls``, the default, and the plain ``projection``). Without ``--key``
-a small owner run is trained first (the test fixture's settings: tiny default, rank 4, 60 steps, seed 0).
+a small owner run is trained first (tiny default at its 64 px, rank 4, 60 steps, seed 0: the test fixture's settings, which train at 32 px).
 
 Cost — on the tiny default: CPU seconds of building the owner's private cache (once per key and base), and of
 ``seal-diffusion verify --functional`` end to end in a fresh process with a warm cache (imports, key, base-model load,

@@ -1,7 +1,7 @@
 """R2 margins: the real owner on ≥ 20 genuine runs vs every forger, with the thresholds of seal_diffusion.ownership.genuine.
 
-Trains N tiny SEAL runs (seeds × ranks 4 and 8 × passport schedules alternate and split; 60 steps each, as the test
-fixture), measures R2's quantities (difference, spread, function, loss gap) for each owner key, forges claims from
+Trains N tiny SEAL runs (seeds × ranks 4 and 8 × passport schedules alternate and split; 60 steps each at 64 px, as the
+test fixture at its 32 px), measures R2's quantities (difference, spread, function, loss gap) for each owner key, forges claims from
 each run's *public* file (pad, nilpotent, outside, flip, optimised; optimised+repel from a random start and from C̃,
 the adaptive forger, which passed R2 in 2 of 2 runs on 2026-12-02: docs/dispute.md) and measures them the same way.
 Prints one row per run and a margin table: the smallest genuine value and the largest forged value of each measure
