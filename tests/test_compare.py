@@ -30,7 +30,7 @@ def _short_run(unet, passports, steps=6, lr=1e-2):
     net = SealNetwork(unet, RANK, passports=passports)
     opt = torch.optim.Adam(net.trainable_parameters(), lr=lr)
     g = torch.Generator().manual_seed(1)
-    x, t, e = torch.randn(2, 4, 32, 32, generator=g), torch.tensor([10, 700]), torch.randn(2, 77, 32, generator=g)
+    x, t, e = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10, 700]), torch.randn(2, 77, 32, generator=g)
     for step in range(steps):
         if passports is not None:
             net.set_passport("C" if step % 2 == 0 else "C_p")
