@@ -88,6 +88,7 @@ def test_http_tsa_end_to_end(tsa, tmp_path, capsys):
         assert "UTC" in capsys.readouterr().out
     finally:
         server.shutdown()
+        server.server_close()
     # an unreachable TSA: one line, exit 2, the request is still written
     path.with_suffix(".tsq").unlink()
     assert main(["timestamp", "--key", str(path), "--tsa", url, "--ca", str(tsa.ca)]) == 2
@@ -126,6 +127,7 @@ def test_a_second_stamp_never_replaces_the_first_reply(tsa, tmp_path, capsys):
         check_reply(path.with_suffix(".tsr"), key.commitment(), tsa.ca)
     finally:
         server.shutdown()
+        server.server_close()
 
 
 def test_why_a_reply_does_not_check_is_one_plain_sentence(tsa, tmp_path, capsys):

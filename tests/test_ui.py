@@ -329,6 +329,7 @@ def test_timestamp_step_downloads_tsq_and_tsr(client, trained, sandbox):
                            api_name="/timestamp")
     finally:
         srv.shutdown()
+        srv.server_close()
 
 
 def test_image_check_needs_the_prompt(client, trained):

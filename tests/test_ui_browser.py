@@ -320,6 +320,7 @@ def _issue23_checks(browser, root: Path, files: dict, lora: Path) -> None:
             (root / "downloaded" / "browser_lora.tsr").write_bytes(resp.read())
     finally:
         server.shutdown()
+        server.server_close()
 
     # -- Compare: either the pictures change (SSIM < 0.9995) or the tab says why they did not
     browser.js(f"{s}.clickText('button[role=tab]', 'Compare')")

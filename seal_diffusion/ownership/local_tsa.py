@@ -105,7 +105,8 @@ class LocalTSA:
 
     def serve(self, port: int = 0):
         """Run as an HTTP TSA on 127.0.0.1 (RFC 3161 §3.4: POST of application/timestamp-query) in a daemon thread;
-        returns ``(url, server)`` — stop it with ``server.shutdown()``."""
+        returns ``(url, server)`` — stop it with ``server.shutdown()`` and free its port with ``server.server_close()``
+        (until then a request connects and waits for an answer that never comes)."""
         tsa = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
