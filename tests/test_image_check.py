@@ -237,6 +237,45 @@ def test_defaults_detect_the_release_on_other_subjects(setup, photo, tmp_path):
     assert not report.detected, report.summary()
 
 
+def test_per_image_terms_are_each_images_own_derivative_named_by_module(owner_training):
+    """D[i, l] from one backward pass per batch equals image i's central finite difference along module l's line
+    M_l + t·D_l (the module named l in the report, whatever order the network keeps its layers in)."""
+    from seal_diffusion.core.keyfile import SealKey
+    from seal_diffusion.detection.image_sampler import PassportLine, directional_statistics, sample, \
+        to_compare_space
+    from seal_diffusion.formats.lora_names import unet_modules
+
+    key, pipe = SealKey.load(owner_training["key_path"]), owner_training["pipeline"]
+    ch = make_challenge(key, "tiny", "a photo of sks cat", n=3, steps=2, compare_size=16, seeds=[5, 6, 7])
+    r = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    per_image = directional_statistics(pipe, key, ch, r, [0, 1, 2], batch_size=2)  # one batch of 2, one of 1
+    assert per_image.shape == (3, 48)
+    names, h = unet_modules(key.modules), 1e-2
+    with PassportLine(pipe, key) as line, torch.no_grad():
+        for j in (0, 17, 47):
+            x = []
+            for sign in (1, -1):
+                line.set(torch.zeros(len(names)))
+                line.net[names[j]].interp_t = sign * h  # the layer itself, by the name the report gives it
+                x.append(to_compare_space(sample(pipe, ch, [0, 1, 2]), 16).double())
+            fd = ((x[0] - x[1]) / (2 * h) * r.double()).flatten(1).sum(1).numpy()
+            assert np.allclose(per_image[:, j], fd, rtol=0.05, atol=0.02 * np.abs(per_image).max()), (names[j], fd)
+
+
+def test_unit_votes_flip_with_the_coins_alone():
+    """The combined statistic is exact: flipping module l's coin flips d_l and nothing else (each image's norm over
+    the modules does not see the coins), and every image's vote has length 1."""
+    from seal_diffusion.detection.image_check import module_statistics
+
+    rng = np.random.default_rng(0)
+    per_image = rng.standard_normal((32, 48)) * rng.uniform(0.01, 100, (32, 1))  # images of very unequal weight
+    coins = rng.choice([-1.0, 1.0], 48)
+    assert np.allclose(module_statistics(per_image * coins), module_statistics(per_image) * coins)
+    assert np.allclose(np.linalg.norm(module_statistics(per_image[:1])), 1.0)
+    assert np.allclose(module_statistics(np.zeros((2, 48))), 0.0)  # an image with no residual votes 0
+    assert module_statistics(np.stack([per_image, -per_image])).shape == (2, 48)
+
+
 def test_challenge_prompts_are_private_per_challenge_and_ordinary(owner_training):
     """Prompts come from the owner's secret and the challenge's seeds: reproducible by the owner, different for another
     challenge or another key, mostly about the subject, and not a fixed list a service could match."""

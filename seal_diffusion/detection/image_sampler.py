@@ -1,7 +1,7 @@
 """The image check's differentiable sampler: a challenge rendered as ``StableDiffusionPipeline`` or
 ``StableDiffusionXLPipeline`` renders it but with gradients, the key's passports on the line M + t·D
-(:class:`PassportLine`), the owner's midpoint images, and every module's directional statistic from one backward pass
-(:mod:`seal_diffusion.detection.image_check` runs the test).
+(:class:`PassportLine`), the owner's midpoint images, and every image's directional statistic for every module from one
+backward pass (:mod:`seal_diffusion.detection.image_check` combines them and runs the test).
 """
 
 from __future__ import annotations
@@ -110,23 +110,26 @@ def to_compare_space(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class PassportLine:
-    """The key's SEAL layers on ``pipe.unet`` with module l's passport at M_l + t_l·D_l (``t`` a leaf vector, so
-    autograd gives ∂/∂t_l). Use as a context manager; the UNet is exactly the base again afterwards."""
+    """The key's SEAL layers on ``pipe.unet`` with module l's passport at M_l + t_l·D_l (``t`` a leaf, so autograd
+    gives ∂/∂t_l; :meth:`SealNetwork.set_interp`). Use as a context manager; the UNet is exactly the base again
+    afterwards."""
 
     def __init__(self, pipe, key: SealKey):
         self.pipe, self.key, self.names = pipe, key, unet_modules(key.modules)  # text-encoder layers: not probed
-        self.mid = {n: (m.passport + m.passport_p) / 2 for n, m in key.modules.items()}
-        self.half = {n: (m.passport - m.passport_p) / 2 for n, m in key.modules.items()}
 
     def __enter__(self) -> "PassportLine":
         self.net = network_from_key(self.key, self.pipe, text_encoders=False)
-        self.net.set_passport("C")
+        # t is indexed like self.names (the key's order, which the reports name); the network's own order may differ
+        self._order = torch.tensor([self.names.index(n) for n in self.net.module_names])
         self.set(torch.zeros(len(self.names)))
         return self
 
-    def set(self, t: torch.Tensor) -> None:
-        for i, n in enumerate(self.names):
-            self.net[n].passport = self.mid[n] + t[i] * self.half[n]
+    def set(self, t: torch.Tensor, cfg: bool = False) -> None:
+        """``t``: one value per module (L), or one per module and image (L × images): image i then runs with
+        M_l + t[l, i]·D_l, so one backward pass gives every image's own ∂x_i/∂t_l. ``cfg``: the UNet batch runs
+        every image twice (unconditional rows first), as :func:`sample` does with guidance."""
+        t = t[self._order]
+        self.net.set_interp(torch.cat([t, t], 1) if cfg and t.dim() == 2 else t)
 
     def __exit__(self, *exc) -> None:
         self.net.remove()
@@ -162,45 +165,47 @@ def render_release(pipe, key: SealKey, challenge: Challenge, batch_size: int = 8
 
 def directional_statistics(pipe, key: SealKey, challenge: Challenge, residual: torch.Tensor, index: Sequence[int],
                            batch_size: int = 8, progress: Progress | None = None) -> np.ndarray:
-    """d_l = ⟨r, ∂x/∂t_l⟩ at t = 0 for every module at once: one backward pass per batch of images (the images
-    are independent, so the sum over batches is exact and memory stays bounded). ``residual``: (n, 3, S, S) →
-    (L,), or several residuals (k, n, 3, S, S) → (k, L) from one forward pass per batch (one backward each)."""
+    """Per image i and module l, D[i, l] = ⟨r_i, ∂x_i/∂t_l⟩ at t = 0, every image and module from one backward pass
+    per batch of images (each image has its own t, :meth:`PassportLine.set`; the images are independent, so the
+    batches are exact and memory stays bounded). ``residual``: (n, 3, S, S) → (n, L), or several residuals
+    (k, n, 3, S, S) → (k, n, L) from one forward pass per batch (one backward each)."""
     many = residual.dim() == 5
     residuals = residual if many else residual.unsqueeze(0)
-    grad = torch.zeros(residuals.shape[0], len(unet_modules(key.modules)), dtype=torch.float64)
+    n_mod = len(unet_modules(key.modules))
+    out = torch.zeros(residuals.shape[0], len(index), n_mod, dtype=torch.float64)
     with PassportLine(pipe, key) as line:
         for start in range(0, len(index), batch_size):
             rows = list(range(start, min(start + batch_size, len(index))))
-            t = torch.zeros(len(line.names), requires_grad=True)
-            line.set(t)
+            t = torch.zeros(n_mod, len(rows), requires_grad=True)
+            line.set(t, cfg=challenge.guidance_scale > 1.0)
             with torch.enable_grad():
                 x = to_compare_space(sample(pipe, challenge, [index[i] for i in rows]), challenge.compare_size)
                 for k in range(residuals.shape[0]):
                     (g,) = torch.autograd.grad((x * residuals[k, rows].to(x.dtype)).sum(), t,
                                                retain_graph=k + 1 < residuals.shape[0])
-                    grad[k] += g.double()
+                    out[k, rows] = g.T.double()
             if progress:
                 progress(rows[-1] + 1, len(index), "testing the images against each module's direction")
-        line.set(torch.zeros(len(line.names)))
-    return grad.numpy() if many else grad[0].numpy()
+    return out.numpy() if many else out[0].numpy()
 
 
 def midpoint_and_statistics(pipe, key: SealKey, challenge: Challenge, suspect: torch.Tensor, batch_size: int = 8,
                             progress: Progress | None = None) -> tuple[torch.Tensor, np.ndarray]:
-    """(x_mid, d) for a suspect of every challenge entry (compare space) in one pass: the forward at t = 0 that the
-    directional statistics need *is* x_mid, so the owner's reference costs no render of its own."""
-    mids, grad = [], torch.zeros(len(unet_modules(key.modules)), dtype=torch.float64)
+    """(x_mid, D) for a suspect of every challenge entry (compare space) in one pass, D as
+    :func:`directional_statistics` gives it (n, L): the forward at t = 0 that the statistics need *is* x_mid, so the
+    owner's reference costs no render of its own."""
+    n_mod = len(unet_modules(key.modules))
+    mids, out = [], torch.zeros(challenge.n, n_mod, dtype=torch.float64)
     with PassportLine(pipe, key) as line:
         for start in range(0, challenge.n, batch_size):
             rows = list(range(start, min(start + batch_size, challenge.n)))
-            t = torch.zeros(len(line.names), requires_grad=True)
-            line.set(t)
+            t = torch.zeros(n_mod, len(rows), requires_grad=True)
+            line.set(t, cfg=challenge.guidance_scale > 1.0)
             with torch.enable_grad():
                 x = to_compare_space(sample(pipe, challenge, rows), challenge.compare_size)
                 mids.append(x.detach().float())
                 (x * (suspect[rows].to(x.dtype) - x.detach())).sum().backward()
-            grad += t.grad.double()
+            out[rows] = t.grad.T.double()
             if progress:
                 progress(rows[-1] + 1, challenge.n, "owner's reference and self-test")
-        line.set(torch.zeros(len(line.names)))
-    return torch.cat(mids), grad.numpy()
+    return torch.cat(mids), out.numpy()
