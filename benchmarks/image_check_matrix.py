@@ -91,6 +91,7 @@ def main() -> int:
     from seal_diffusion.models.base_model import load_pipeline
     from seal_diffusion.detection.image_challenge import DEFAULT_N
     from seal_diffusion.detection.image_check import create_challenge, load_images, owner_reference
+    from seal_diffusion.detection.image_check import module_statistics
     from seal_diffusion.detection.image_sampler import directional_statistics, use_scheduler
     from seal_diffusion.core.keyfile import SealKey
     from seal_diffusion.detection.verify import sign_flip_neg_log10_p
@@ -164,11 +165,13 @@ def main() -> int:
             cells.append((label, name))
     t_render = time.time() - t0
     t0 = time.time()
-    d = directional_statistics(pipe, key, ch, torch.stack(residuals), list(range(ch.n)))
+    per_image = directional_statistics(pipe, key, ch, torch.stack(residuals), list(range(ch.n)))
+    d, d_sum = module_statistics(per_image), per_image.sum(1)  # the shipped unit votes; the plain sum beside them
     t_stats = time.time() - t0
     table: dict = {}
-    for (label, name), row in zip(cells, d):
-        table.setdefault(label, {})[name] = (sign_flip_neg_log10_p(list(row)), int((row > 0).sum()))
+    for (label, name), row, row_sum in zip(cells, d, d_sum):
+        table.setdefault(label, {})[name] = (sign_flip_neg_log10_p(list(row)), int((row > 0).sum()),
+                                             sign_flip_neg_log10_p(list(row_sum)))
     print(f"\nsubject {args.subject} ({prompt!r}); challenge: {ch.n} images, {ch.width} px, {ch.scheduler} "
           f"{ch.steps} steps, CFG {ch.guidance_scale:g}, compare {ch.compare_size} px; {d.shape[1]} modules; "
           f"self-test (owner's release rendered by the owner) {getattr(ch, 'self_test', float('nan')):.1f}")
@@ -177,9 +180,11 @@ def main() -> int:
     names = [n for n, _ in suspects]
     print("| service renders with | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
     for label, _, _ in conds:
-        cells_ = [f"{table[label][n][0]:.1f} ({table[label][n][1]})" if n in table[label] else "—" for n in names]
+        cells_ = [f"{table[label][n][0]:.1f} ({table[label][n][1]}; sum {table[label][n][2]:.1f})"
+                  if n in table[label] else "—" for n in names]
         print(f"| {label} | " + " | ".join(cells_) + " |")
-    print(f"\n−log10 p (modules leaning the released way, of {d.shape[1]}); detected from 3.3.")
+    print(f"\n−log10 p (modules leaning the released way, of {d.shape[1]}; the same images with the plain sum over "
+          "images instead of unit votes); detected from 3.3.")
     return 0
 
 
