@@ -9,6 +9,8 @@ THRESHOLD = 3.3  # detect when −log10 p ≥ this (p < 5·10⁻⁴): verify, sc
 
 DEMO_STEPS = 60  # training steps of each LoRA in `demo`
 
+FUNCTIONAL_PROBES = 12  # secret probes of `verify --functional` (at half the model's latent size)
+
 CHALLENGE_N = 32  # images of an image challenge
 CHALLENGE_STEPS = 4  # sampler steps of an image challenge on the tiny test models (20 on real models)
 CHALLENGE_GUIDANCE = 7.5  # classifier-free guidance of an image challenge

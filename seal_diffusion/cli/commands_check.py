@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..defaults import CHALLENGE_GUIDANCE as DEFAULT_GUIDANCE, CHALLENGE_N as DEFAULT_N, \
-    CHALLENGE_STEPS as DEFAULT_STEPS
+    CHALLENGE_STEPS as DEFAULT_STEPS, FUNCTIONAL_PROBES
 
 from .common import Output, add_force, check_first
 # library imports are inside the handlers: --help and the other commands do not wait for torch
@@ -34,9 +34,10 @@ def add_verify_command(sub) -> None:
     g = p.add_argument_group("function-level test (survives distillation; base: --base, else the key's base model)")
     g.add_argument("--functional", action="store_true",
                    help="also run the function-level test; the verdict combines both (Bonferroni: p = 2·min p)")
-    g.add_argument("--probes", type=int, default=8, help="secret probes of the function test (default 8)")
-    g.add_argument("--probe-size", type=int, help="latent side of the probes (default: the model's, 32 on tiny, "
-                   "64 on SD 1.5; smaller is cheaper and a little weaker)")
+    g.add_argument("--probes", type=int, default=FUNCTIONAL_PROBES,
+                   help=f"secret probes of the function test (default {FUNCTIONAL_PROBES})")
+    g.add_argument("--probe-size", type=int, help="latent side of the probes (default: half the model's, 16 on tiny, "
+                   "32 on SD 1.5; larger costs more per probe)")
     g.add_argument("--prompt", action="append",
                    help="prompt for the probes, e.g. the LoRA's instance prompt (repeatable; default: the "
                    "instance prompt of a README.md beside the key, plus generic prompts)")

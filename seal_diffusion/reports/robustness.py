@@ -36,6 +36,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..defaults import FUNCTIONAL_PROBES
 from ..attacks import file_attacks as attacks
 from ..models.base_model import load_pipeline
 from ..ownership.claim import check_claim, forge_passport_p
@@ -78,8 +79,8 @@ class Plan:
     loss_timesteps: int
     attack_fidelity: bool  # fidelity for every damaging attack (else pruning and fine-tuning only)
     distill: tuple[tuple[int, int], ...] = ()  # (student rank, steps) of each distillation row
-    functional_probes: int = 8
-    functional_size: int | None = None  # probe latent side (default: the model's)
+    functional_probes: int = FUNCTIONAL_PROBES  # the CLI's default
+    functional_size: int | None = None  # probe latent side (default: half the model's, as the CLI)
 
 
 def plan_for(quick: bool, *, finetune_lrs: Sequence[float] | None = None, finetune_steps: Sequence[int] | None = None,
