@@ -445,7 +445,7 @@ def test_train_then_verify_in_the_browser(chromium, app_url):
         browser.wait("(i => i && i.complete && i.naturalWidth > 100)(document.querySelector('#verify-chart img'))",
                      timeout=30, what="the per-layer chart")
         assert "watermark found" in browser.js(f"{s}.text('#verify-table')")
-        # the function-level test (about a minute): a running note and a progress bar on its panel, then the words
+        # the function-level test (~20 s the first time): a running note and a progress bar on its panel, then the words
         seen = set()
 
         def watch_functional():

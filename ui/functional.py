@@ -49,12 +49,12 @@ def _words(name: str, rep) -> str:
 
 
 RUNNING = ("<div class='seal-verdict seal-error'><strong>Function-level test running…</strong> The first run for a key "
-           "computes its secret probes: about a minute on a CPU for the tiny model, longer for a real one. The "
+           "computes its secret probes: about 20 seconds on a CPU for the tiny model, much longer for a real one. The "
            "progress bar on this panel shows which file is being tested.</div>")
 
 
 def running(enabled, key_file=None, suspect_files=None):
-    """Shown at once when the test starts (the panel would otherwise stay empty for a minute)."""
+    """Shown at once when the test starts (the panel would otherwise stay empty while the probes are computed)."""
     if not enabled or not key_file or not suspect_files:
         return gr.Markdown(visible=False)
     return gr.Markdown(RUNNING, visible=True)
