@@ -42,10 +42,9 @@ DEMO_PROMPTS = ["a photo of sks cat", "a sks cat wearing a santa hat"]
 DEMO_SEEDS = (0,)  # one image per prompt and variant: the compare step is the demo's second-largest cost
 HELDOUT_TIMESTEPS = 4  # timesteps of the held-out loss (fixed noise): 4 spread over the schedule separate C/C_p from ∅
 PRUNE_RATIO = 0.9
-DISTILL_STEPS = 150  # the distilled copy: 150 Adam steps on 16×16 latents keep > 50 % of the release's effect
+DISTILL_STEPS = 300  # the distilled copy, Adam on 16×16 latents: with 150 steps a weak demo owner's copy scored
+# 2.6 on 4 probes (4.5 on 12) and failed the demo's check; with 300, 5.1–6.6 for the three weakest of five owners
 DISTILL_LATENT = 16
-DEMO_PROBES = 4  # function-level test: 4 secret probes at 16×16 (the CLI's --probes 4 --probe-size 16)
-DEMO_PROBE_SIZE = 16
 FORGER_MODE = "flip"  # seal_diffusion.ownership.forgery: the weak-direction flip forger (docs/dispute.md)
 PAIR_LABELS = {  # the summary's words for compare's pairs (compare.md keeps the paper's notation)
     ("exported", "C"): "the shared file vs the trained LoRA with passport C: must be identical",
@@ -96,7 +95,8 @@ def _distill_and_test(out: Path, key_path: str, release: str, innocent: str, pip
     rows = []
     for label, path, expect in (("distilled copy (re-trained on the release's outputs)", res.path, True),
                                 ("innocent plain LoRA, same subject", innocent, False)):
-        both = verify_both(key_path, path, "tiny", n_probes=DEMO_PROBES, size=DEMO_PROBE_SIZE, pipe=pipe)
+        # the shipped defaults (12 probes at 16×16): with 4 probes a weak demo owner's copy once scored 2.6 (12: 4.5)
+        both = verify_both(key_path, path, "tiny", pipe=pipe)
         rows.append(dict(case=f"{label}: weight test", detected=both.weight.detected,
                          neg_log10_p=both.weight.neg_log10_p, expected=None if expect else False,
                          ok=expect or not both.weight.detected))
