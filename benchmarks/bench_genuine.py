@@ -57,7 +57,7 @@ def main(argv=None) -> int:
 
     def measure(kind, run, key):
         t = time.time()
-        v = check_genuine_pair(key, pipe, data, prompt)
+        v = check_genuine_pair(key, pipe, data, prompt, measure_all=True)
         row = dict(kind=kind, run=run, passed=v.passed, seconds=time.time() - t,
                    **{m: v.measurements.get(m) for m, _ in MEASURES}, outside=v.measurements.get("outside"))
         rows.append(row)

@@ -60,16 +60,26 @@ def test_r2_is_measured_once_per_key_base_and_images(owner, monkeypatch, tmp_pat
     def measure(k, p, d):
         return genuine.function_measures(k, p, d, PROMPT, n_timesteps=1)
 
-    first = measure(key, pipe, owner["data"])
-    first["loss"]["C"] = -1.0  # the caller's copy: the memo is not changed through it
-    again = measure(key, pipe, owner["data"])
-    assert len(calls) == 1 and again["loss"]["C"] > 0 and again["loss_gap"] == first["loss_gap"]
-    other = forge(owner["public"], "flip", seed=3)
-    measure(other, pipe, owner["data"])
-    assert len(calls) == 2, "another key is measured"
-    data = shutil.copytree(owner["data"], tmp_path / "data")
-    measure(key, pipe, data)
-    assert len(calls) == 3, "other images are measured"
+    monkeypatch.setattr(genuine, "_BASE_PREDICTIONS", {})
+    forwards = []
+    hook = pipe.unet.register_forward_hook(lambda *a: forwards.append(1))
+    try:
+        first = measure(key, pipe, owner["data"])
+        first["loss"]["C"] = -1.0  # the caller's copy: the memo is not changed through it
+        again = measure(key, pipe, owner["data"])
+        assert len(calls) == 1 and again["loss"]["C"] > 0 and again["loss_gap"] == first["loss_gap"]
+        assert len(forwards) == 3, "C, C_p and the base, one timestep each"
+        other = forge(owner["public"], "flip", seed=3)
+        measured = measure(other, pipe, owner["data"])
+        assert len(calls) == 2, "another key is measured"
+        assert len(forwards) == 5, "…with its own C and C_p, and the base's predictions of the first key"
+        assert measured["loss"]["off"] == first["loss"]["off"]
+        data = shutil.copytree(owner["data"], tmp_path / "data")
+        measure(key, pipe, data)
+        assert len(calls) == 3, "other images are measured"
+        assert len(forwards) == 8, "other images: the base's predictions too"
+    finally:
+        hook.remove()
     measure(key, pipe, data)
     assert len(calls) == 3
     next(data.iterdir()).unlink()
@@ -156,6 +166,9 @@ def test_dispute_earliest_valid_timestamp_wins(owner, tmp_path, tmp_path_factory
         assert {"name", "passed", "detail"} <= set(c["checks"][0])
     r2 = next(k for k in forger_c["checks"] if k["name"] == "R2 genuine pair")
     assert not r2["passed"]
+    # the flip forgery fails on its weights: its outputs are not measured (they could not make it pass), and says so
+    assert "outputs not measured (the weights already fail)" in r2["detail"], r2["detail"]
+    assert "function" not in forger_c["measurements"] and "function" in owner_c["measurements"]
     cross = next(k for k in thief_c["checks"] if k["name"].startswith("verify "))
     assert cross["passed"], "the thief's key detects the owner's published file: verify cannot order claims"
     assert "Ownership dispute report" in md.read_text() and str(owner_path) in md.read_text()
