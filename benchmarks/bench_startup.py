@@ -10,12 +10,16 @@ load average before and after. Commands (on the tiny default; ``--key/--lora`` o
 * ``seal-diffusion --help`` — goal ≤ 0.3 s, i.e. ≤ 0.26× a 1.17 s torch import (the idle figure of issue 25);
 * ``seal-diffusion verify --key K FILE`` — goal ≤ 1.5× the torch import;
 * ``--functional``: ``verify --functional --base tiny`` with the owner's cache warm (goal ≤ 1.5× plain verify);
-  ``--functional-first``: the same with an empty cache (the key copied to a fresh folder each round; ~1 min each).
+  ``--functional-first``: the same with an empty cache (the key copied to a fresh folder each round; ~1 min each);
+* ``--images``: ``challenge --key K --out C.json`` with the defaults (self-test included; a new challenge each
+  round, at most three) and ``verify-images`` of the 32 images a service would return for one challenge (rendered
+  here with the release, untimed, saved as PNG), each goal ≤ 30 s idle.
 
 ``--profile`` also runs each command once under ``-X importtime`` and prints what its imports cost (top packages,
 cumulative) and which heavy libraries it loads; ``--cprofile`` prints cProfile's top functions of the whole run.
 
-    python benchmarks/bench_startup.py [--rounds 7] [--functional] [--functional-first] [--profile] [--json OUT]
+    python benchmarks/bench_startup.py [--rounds 7] [--functional] [--functional-first] [--images] [--profile]
+        [--json OUT]
 """
 
 from __future__ import annotations
@@ -89,6 +93,32 @@ def make_owner(folder: Path) -> tuple[str, str]:
     return str(res["key_path"]), str(res["kohya"])
 
 
+def service_images(key: str, challenge: str, out: Path) -> list[str]:
+    """The challenge rendered with the release (released passports C) and saved as 8-bit PNGs, ``img_NNN.png``:
+    what a service running the owner's LoRA returns (the input of ``verify-images``)."""
+    import torch
+    from PIL import Image
+
+    from seal_diffusion.core.keyfile import SealKey
+    from seal_diffusion.detection.image_challenge import Challenge
+    from seal_diffusion.detection.image_sampler import PassportLine, sample
+    from seal_diffusion.models.base_model import load_pipeline
+
+    ch, k = Challenge.load(challenge), SealKey.load(key)
+    pipe = load_pipeline(ch.base_model)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    with PassportLine(pipe, k) as line, torch.no_grad():
+        line.set(torch.ones(len(line.names)))
+        for start in range(0, ch.n, 8):
+            idx = list(range(start, min(start + 8, ch.n)))
+            for i, img in zip(idx, sample(pipe, ch, idx)):
+                arr = (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+                paths.append(str(out / f"img_{i:03d}.png"))
+                Image.fromarray(arr).save(paths[-1])
+    return paths
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--key", help="a .sealkey (default: a small owner made in a temporary folder)")
@@ -96,6 +126,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=7, help="rounds of all commands (default 7)")
     ap.add_argument("--functional", action="store_true", help="also verify --functional with a warm cache")
     ap.add_argument("--functional-first", action="store_true", help="also verify --functional with an empty cache")
+    ap.add_argument("--images", action="store_true", help="also challenge (defaults) and verify-images (32 images)")
     ap.add_argument("--profile", action="store_true", help="what each command's imports cost (-X importtime)")
     ap.add_argument("--cprofile", action="store_true", help="cProfile's top functions of each command")
     ap.add_argument("--before", metavar="DIR", help="another checkout (e.g. `git worktree add /tmp/b main`): its "
@@ -136,6 +167,15 @@ def main() -> int:
             cmds["verify --functional (warm) [before]"] = cmds["verify --functional (warm)"]
             envs["verify --functional (warm) [before]"] = before_env
     first_dirs = iter(range(10**6))
+    image_runs = {"challenge": ([], []), "verify-images": ([], [])}  # (wall, cpu)
+    if args.images:
+        print("one challenge and the release's 32 images for verify-images (untimed)…", flush=True)
+        ch0 = tmp / "challenge0.json"
+        # the subject prompt: the model card beside the key gives it (a trainer run), else the small owner's
+        prompt = [] if (Path(key).parent / "README.md").is_file() else ["--prompt", "a photo of sks cat"]
+        run_once(cli + ["challenge", "--key", key, "--out", str(ch0), "--no-self-test", *prompt], env)
+        pngs = service_images(key, str(ch0), tmp / "service")
+        verify_images = cli + ["verify-images", "--key", key, "--challenge", str(ch0), *pngs]
 
     def first_cmd() -> list[str]:  # a fresh copy of the key: its cache folder is empty
         d = tmp / f"first{next(first_dirs)}"
@@ -159,6 +199,12 @@ def main() -> int:
             w, c, _ = run_once(first_cmd(), env)
             first_wall.append(w)
             first_cpu.append(c)
+        if args.images and r < 3:  # ~20–30 s each
+            for n, cmd in (("challenge", cli + ["challenge", "--key", key, "--out", str(tmp / f"challenge{r + 1}.json"), *prompt]),
+                           ("verify-images", verify_images)):
+                w, c, _ = run_once(cmd, env)
+                image_runs[n][0].append(w)
+                image_runs[n][1].append(c)
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {wall[n][-1]:.2f}s" for n in cmds), flush=True)
     load_end = os.getloadavg()
 
@@ -184,6 +230,11 @@ def main() -> int:
         rows.append(C.Row("verify --functional (first run, empty cache)", statistics.median(first_wall), None, "s",
                           "≤ 20 s idle", 20.0, "ours", note=f"CPU {statistics.median(first_cpu):.1f} s, "
                           f"n={len(first_wall)}", samples={"wall_s": first_wall, "cpu_s": first_cpu}))
+    for n, (w, c) in image_runs.items():
+        if w:
+            rows.append(C.Row(f"{n} (defaults{', self-test' if n == 'challenge' else ', 32 images'})",
+                              statistics.median(w), None, "s", "≤ 30 s idle", 30.0, "ours",
+                              note=f"CPU {statistics.median(c):.1f} s, n={len(w)}", samples={"wall_s": w, "cpu_s": c}))
     C.print_table("start-up, fresh processes, ratio = wall / the torch import of the same round", rows)
     print(f"load average before {', '.join(f'{x:.2f}' for x in load_start)}; "
           f"after {', '.join(f'{x:.2f}' for x in load_end)}")
