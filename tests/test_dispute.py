@@ -95,6 +95,16 @@ def test_r2_is_measured_once_per_key_base_and_images(owner, monkeypatch, tmp_pat
         with torch.no_grad():
             weight.copy_(saved)
     assert len(calls) == 5 and changed["loss"] != again["loss"], "changed base weights are measured again"
+    weight = pipe.text_encoder.get_parameter("final_layer_norm.weight")  # the prompt's embedding: the base's too
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.mul_(1.5)
+    try:
+        changed = measure(key, pipe, owner["data"])
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    assert len(calls) == 6 and changed["loss"]["off"] != again["loss"]["off"], "a changed text encoder: measured again"
 
 
 @pytest.mark.parametrize("mode, kw", [("pad", {}), ("nilpotent", {}), ("nilpotent", {"noise": 0.02}),

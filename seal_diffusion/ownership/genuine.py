@@ -122,13 +122,19 @@ _BASE_PREDICTIONS_MAX = 4
 
 
 def base_fingerprint(base, config) -> tuple:
-    """What a memo of measurements on ``base`` is keyed by: the model spec, or a loaded pipeline's UNet weights."""
+    """What a memo of measurements on ``base`` is keyed by: the model spec, or a loaded pipeline's UNet and text
+    encoder weights (the prompt's embedding comes from the latter)."""
     if isinstance(base, (str, os.PathLike)):
         return ("spec", str(base), str(config))
-    params = list(base.unet.parameters())  # a LoRA adapter loaded on it adds parameters; a fused one moves the sum
-    with torch.no_grad():
-        total = float(sum(p.detach().double().sum() for p in params))
-    return ("pipeline", id(base), len(params), total)
+    parts = []
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        module = getattr(base, name, None)
+        if module is None:
+            continue
+        params = list(module.parameters())  # a LoRA adapter loaded on it adds parameters; a fused one moves the sum
+        with torch.no_grad():
+            parts.append((name, len(params), float(sum(p.detach().double().sum() for p in params))))
+    return ("pipeline", id(base), *parts)
 
 
 def data_fingerprint(data) -> tuple:
