@@ -42,8 +42,11 @@ DEMO_PROMPTS = ["a photo of sks cat", "a sks cat wearing a santa hat"]
 DEMO_SEEDS = (0,)  # one image per prompt and variant: the compare step is the demo's second-largest cost
 HELDOUT_TIMESTEPS = 4  # timesteps of the held-out loss (fixed noise): 4 spread over the schedule separate C/C_p from ∅
 PRUNE_RATIO = 0.9
-DISTILL_STEPS = 300  # the distilled copy, Adam on 16×16 latents: with 150 steps a weak demo owner's copy scored
-# 2.6 on 4 probes (4.5 on 12) and failed the demo's check; with 300, 5.1–6.6 for the three weakest of five owners
+DISTILL_STEPS = 600  # the distilled copy, Adam on 16×16 latents. Each demo run draws a fresh key, and some owners'
+# copies are weak: with 150 steps one scored 2.6 on 4 probes (4.5 on 12) and failed the demo's check. With 300, 12
+# fresh demo owners 4.0 (4.4 with another distillation seed), 6.2–11.4 (combined −log10 p, the shipped 12 probes,
+# threshold 3.3); with 600, eleven of them: the weak one 5.5 (6.6), the others 5.5–11.7, mean 8.9 against 8.0 at 300
+# over the same eleven (2026-12-04)
 DISTILL_LATENT = 16
 FORGER_MODE = "flip"  # seal_diffusion.ownership.forgery: the weak-direction flip forger (docs/dispute.md)
 PAIR_LABELS = {  # the summary's words for compare's pairs (compare.md keeps the paper's notation)
